@@ -1,0 +1,350 @@
+"""Tests for ddpm.py, fid.py, train.py and sample.py: CPU only, no downloads, a few minutes.
+
+Run:  python -m pytest -q test_ddpm.py
+Most diffusion checks use data x0 ~ N(mu, sd^2 I), whose noise predictor E[eps | x_t] is known in
+closed form, so the samplers can be checked against exact statistics with no training.
+"""
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm
+
+ROOT = Path(__file__).resolve().parent
+MU, SD = 0.3, 0.5
+
+
+def gaussian_oracle(diffusion, mu=MU, sd=SD):
+    """The exact eps-predictor for x0 ~ N(mu, sd^2 I):
+    E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a sd^2 + 1 - a), a = alpha-bar_t."""
+    def model(x, t):
+        a = ddpm.extract(diffusion.alphas_cumprod, t, x.shape)
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * sd ** 2 + 1 - a)
+    return model
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def perturbed_unet(scale=0.05, **overrides):
+    """A tiny UNet whose zero-initialised layers are given random weights, so it is not eps = 0."""
+    torch.manual_seed(0)
+    cfg = dict(ddpm.PRESETS["tiny"], image_size=16) | overrides
+    model = ddpm.UNet(**cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, scale)
+    return model.eval()
+
+# ----------------------------------------------------------------------------------------------
+# schedules
+
+
+def test_linear_betas_are_float64_and_evenly_spaced():
+    b = ddpm.make_betas("linear", 300, 1e-4, 0.02)
+    assert b.dtype == torch.float64 and b.shape == (300,)
+    assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(b.diff(), torch.full((299,), (0.02 - 1e-4) / 299, dtype=torch.float64))
+
+
+def test_cosine_alphas_cumprod_matches_formula():
+    T, s = 1000, 0.008
+    d = ddpm.Diffusion(ddpm.make_betas("cosine", T))
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (0, 1, 100, 500, 900):  # code index t is the paper's t + 1; beta clipping only bites at the end
+        assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+    assert ddpm.make_betas("cosine", T).max().item() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_alphas_cumprod_T_is_near_zero(schedule):
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    assert d.alphas_cumprod[-1].item() < 1e-4
+    assert (d.alphas_cumprod.diff() < 0).all()
+
+
+def test_unknown_schedule_lists_valid_names():
+    with pytest.raises(ValueError, match="linear, cosine"):
+        ddpm.make_betas("quadratic", 10)
+
+
+def test_buffers_are_float32_casts_of_float64_math_and_follow_to():
+    betas = ddpm.make_betas("linear", 1000)
+    d = ddpm.Diffusion(betas)
+    ac = torch.cumprod(1 - betas, 0)
+    assert d.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(d.alphas_cumprod, ac.float())
+    assert torch.equal(d.sqrt_one_minus_alphas_cumprod, (1 - ac).sqrt().float())
+    names = {n for n, _ in d.named_buffers()}
+    assert {"sqrt_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+            "posterior_mean_coef1", "posterior_mean_coef2"} <= names
+    assert all(b.device.type == "meta" for b in d.to("meta").buffers())
+
+# ----------------------------------------------------------------------------------------------
+# forward process and posterior
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_sample_matches_iterated_chain(schedule):
+    """x_t from the closed form q(x_t | x_0) has the mean and variance of t+1 chained steps
+    q(x_s | x_{s-1}) = N(sqrt(1 - beta_s) x_{s-1}, beta_s)."""
+    T, n = 200, 200_000
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, T))
+    x0 = torch.full((n, 1, 1, 1), 0.7)
+    x, g = x0.clone(), gen(1)
+    for t in range(T):
+        x = (1 - d.betas[t]).sqrt() * x + d.betas[t].sqrt() * torch.randn(x.shape, generator=g)
+        if t in (0, 20, 100, T - 1):
+            closed = d.q_sample(x0, torch.full((n,), t), torch.randn(x0.shape, generator=g))
+            a = d.alphas_cumprod[t].item()
+            for sample in (x, closed):
+                assert sample.mean().item() == pytest.approx(0.7 * math.sqrt(a), abs=5 / math.sqrt(n))
+                assert sample.var().item() == pytest.approx(1 - a, rel=0.02, abs=2e-5)
+
+
+def test_q_sample_is_not_clamped_and_predict_x0_inverts_it():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    x0 = torch.rand(8, 3, 4, 4, generator=gen()) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen(1)) * 3
+    t = torch.tensor([0, 1, 10, 100, 400, 700, 900, 999])
+    xt = d.q_sample(x0, t, noise)
+    assert xt.abs().max() > 1  # seed 000 clamps x_t to [-1, 1]; the forward process does not
+    assert torch.allclose(d.predict_x0(xt, t, noise), x0, atol=2e-4)
+
+
+def test_q_posterior_is_bayes_rule_on_gaussians():
+    """q(x_{t-1} | x_t, x0) is proportional to N(x_t; sqrt(alpha_t) x_{t-1}, beta_t)
+    times N(x_{t-1}; sqrt(a-bar_{t-1}) x0, 1 - a-bar_{t-1}), computed here in float64."""
+    betas = ddpm.make_betas("cosine", 500)
+    d = ddpm.Diffusion(betas)
+    ac = torch.cumprod(1 - betas, 0)
+    x0, xt = torch.tensor([[[[0.4]]], [[[-0.9]]], [[[0.1]]]]), torch.tensor([[[[1.3]]], [[[0.2]]], [[[-2.0]]]])
+    t = torch.tensor([1, 50, 499])
+    mean, var, logvar = d.q_posterior(x0, xt, t)
+    for i, ti in enumerate(t.tolist()):
+        prec = 1 / (1 - ac[ti - 1]) + (1 - betas[ti]) / betas[ti]
+        m = (ac[ti - 1].sqrt() * x0[i] / (1 - ac[ti - 1]) + (1 - betas[ti]).sqrt() * xt[i] / betas[ti]) / prec
+        assert mean[i].item() == pytest.approx(m.item(), rel=1e-5)
+        assert var[i].item() == pytest.approx(1 / prec.item(), rel=1e-5)
+        assert logvar[i].item() == pytest.approx(-math.log(prec.item()), rel=1e-5)
+    # at t = 0 the posterior is a point mass at x0 and its log-variance is clipped to t = 1's
+    mean0, var0, logvar0 = d.q_posterior(x0, xt, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(mean0, x0) and (var0 == 0).all()
+    assert torch.allclose(logvar0, d.posterior_variance[1].log().expand(3, 1, 1, 1))
+
+
+def test_shapes_are_checked_at_the_api():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 10))
+    with pytest.raises(ValueError, match="LongTensor"):
+        d.q_sample(torch.zeros(2, 1, 4, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        d.loss(lambda x, t: x, torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="steps must be in 1..10"):
+        d.ddim_sample(lambda x, t: x, (1, 1, 2, 2), steps=11)
+
+# ----------------------------------------------------------------------------------------------
+# loss
+
+
+@pytest.mark.parametrize("loss_type,fn", [("l2", torch.nn.functional.mse_loss),
+                                          ("l1", torch.nn.functional.l1_loss),
+                                          ("huber", torch.nn.functional.smooth_l1_loss)])
+def test_loss_is_the_distance_between_true_and_predicted_noise(loss_type, fn):
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
+    x0, noise = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 5, 50, 99])
+    model = lambda x, t: 2 * x + 0.01 * t[:, None, None, None]
+    loss = d.loss(model, x0, loss_type, t=t, noise=noise)
+    assert loss.shape == () and loss.item() == pytest.approx(fn(model(d.q_sample(x0, t, noise), t), noise).item())
+    with pytest.raises(ValueError, match="l2, l1, huber"):
+        d.loss(model, x0, "l3")
+
+
+def test_l2_loss_of_the_exact_predictor_is_the_posterior_variance_of_eps():
+    """For Gaussian data E||eps - E[eps | x_t]||^2 / dim = a sd^2 / (a sd^2 + 1 - a)."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    x0 = MU + SD * torch.randn(20_000, 1, 2, 2, generator=gen())
+    for t in (10, 300, 900):
+        a = d.alphas_cumprod[t].item()
+        loss = d.loss(gaussian_oracle(d), x0, t=torch.full((20_000,), t))
+        assert loss.item() == pytest.approx(a * SD ** 2 / (a * SD ** 2 + 1 - a), rel=0.03)
+
+# ----------------------------------------------------------------------------------------------
+# samplers
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_ddpm_with_exact_predictor_samples_the_data_distribution(schedule, variance):
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    x = d.ddpm_sample(gaussian_oracle(d), (4096, 1, 4, 4), variance=variance, clip_x0=False, generator=gen())
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x.std().item() == pytest.approx(SD, rel=0.02)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_with_exact_predictor_converges_to_the_data_distribution(schedule):
+    """Deterministic DDIM is an ODE solver: its error in the std shrinks as steps grow."""
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    mean_err, std_err = [], []
+    for steps in (10, 50, 250, 1000):
+        x = d.ddim_sample(gaussian_oracle(d), (4096, 1, 4, 4), steps=steps, clip_x0=False, generator=gen())
+        mean_err.append(abs(x.mean().item() - MU))
+        std_err.append(abs(x.std().item() - SD))
+    assert std_err == sorted(std_err, reverse=True) and std_err[1] < 0.05 and std_err[-1] < 0.01
+    assert mean_err[0] > mean_err[-1] and max(mean_err[2:]) < 0.01
+
+
+def test_ddim_eta1_with_all_steps_is_ddpm_with_posterior_variance():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
+    model = perturbed_unet()
+    x_T = torch.randn(2, 3, 16, 16, generator=gen(3))
+    for clip in (True, False):
+        a = d.ddpm_sample(model, x_T=x_T, variance="posterior", clip_x0=clip, generator=gen(7))
+        b = d.ddim_sample(model, x_T=x_T, steps=100, eta=1.0, clip_x0=clip, generator=gen(7))
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_ddim_eta0_is_deterministic_and_generator_independent():
+    d = ddpm.Diffusion(ddpm.make_betas("cosine", 200))
+    model = perturbed_unet()
+    x_T = torch.randn(2, 3, 16, 16, generator=gen())
+    a = d.ddim_sample(model, x_T=x_T, steps=20, generator=gen(1))
+    b = d.ddim_sample(model, x_T=x_T, steps=20, generator=gen(2))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampler_shape_dtype_determinism_and_trajectory(sampler):
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 30))
+    model, calls = perturbed_unet(in_channels=1), []
+    kw = dict(steps=10, eta=0.5) if sampler == "ddim" else {}
+    run = getattr(d, f"{sampler}_sample")
+    x, traj = run(model, (3, 1, 16, 16), generator=gen(5), return_trajectory=True,
+                  progress=lambda i, n: calls.append((i, n)), **kw)
+    n = 10 if sampler == "ddim" else 30
+    assert x.shape == (3, 1, 16, 16) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert len(traj) == n + 1 and torch.equal(traj[-1], x) and calls == [(i + 1, n) for i in range(n)]
+    assert torch.equal(x, run(model, (3, 1, 16, 16), generator=gen(5), **kw))
+    assert not torch.equal(x, run(model, (3, 1, 16, 16), generator=gen(6), **kw))
+    assert x.abs().max() <= 1  # clip_x0 and no noise at the last step keep x_0 in [-1, 1]
+
+
+def test_ddpm_adds_no_noise_at_the_last_step():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 20))
+    model = perturbed_unet()
+    _, traj = d.ddpm_sample(model, (2, 3, 16, 16), clip_x0=False, generator=gen(), return_trajectory=True)
+    x1, t0 = traj[-2], torch.zeros(2, dtype=torch.long)
+    with torch.inference_mode():
+        assert torch.allclose(traj[-1], d.predict_x0(x1, t0, model(x1, t0)), atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_invert_then_sample_returns_the_image(schedule):
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    oracle = gaussian_oracle(d)
+    x0 = MU + SD * torch.randn(64, 1, 4, 4, generator=gen())
+    errors = []
+    for refine in (0, 1, 2):
+        x_T = d.ddim_invert(oracle, x0, steps=50, refine=refine)
+        errors.append((d.ddim_sample(oracle, x_T=x_T, steps=50, clip_x0=False) - x0).abs().max().item())
+    assert errors[0] > 10 * errors[1] > 100 * errors[2] and errors[2] < 2e-3
+    # and the other way round: noise -> image -> noise
+    x_T = torch.randn(64, 1, 4, 4, generator=gen(1))
+    x0 = d.ddim_sample(oracle, x_T=x_T, steps=50, clip_x0=False)
+    assert (d.ddim_invert(oracle, x0, steps=50) - x_T).abs().max() < 2e-3
+
+
+def test_ddim_invert_round_trip_with_a_network():
+    """A denoiser-like model: the exact predictor plus a small non-linear, spatially mixing U-Net."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    oracle, net = gaussian_oracle(d, mu=0.0), perturbed_unet(scale=0.01)
+    model = lambda x, t: oracle(x, t) + net(x, t)
+    x0 = torch.rand(2, 3, 16, 16, generator=gen()) * 2 - 1
+    errors = [(d.ddim_sample(model, x_T=d.ddim_invert(model, x0, steps=50, refine=r), steps=50, clip_x0=False)
+               - x0).abs().max().item() for r in range(4)]
+    assert all(e1 < e0 / 5 for e0, e1 in zip(errors, errors[1:])) and errors[-1] < 1e-3
+
+# ----------------------------------------------------------------------------------------------
+# U-Net and EMA
+
+
+def test_timestep_embedding_is_sin_cos_of_geometric_frequencies():
+    t, dim = torch.tensor([0, 1, 37, 999]), 16
+    emb = ddpm.timestep_embedding(t, dim)
+    for i in range(dim // 2):
+        w = 10000 ** (-2 * i / dim)
+        assert torch.allclose(emb[:, i], torch.sin(t * w), atol=1e-5)
+        assert torch.allclose(emb[:, dim // 2 + i], torch.cos(t * w), atol=1e-5)
+
+
+def test_presets_have_the_stated_sizes():
+    sizes = {name: ddpm.count_params(ddpm.UNet(**cfg)) for name, cfg in ddpm.PRESETS.items()}
+    assert sizes["cifar10"] == pytest.approx(35.7e6, rel=0.005)  # Ho et al.'s 35.7 M
+    assert 1e5 < sizes["tiny"] < 1e6
+
+
+@pytest.mark.parametrize("channels,size,norm,act", [(1, 28, "group", "silu"), (3, 32, "batch", "relu"),
+                                                    (3, 64, "group", "relu")])
+def test_unet_maps_images_to_same_shape_and_depends_on_t(channels, size, norm, act):
+    model = perturbed_unet(in_channels=channels, image_size=size, channel_mults=(1, 2, 2) if size % 4 == 0 else (1, 2),
+                           norm=norm, activation=act, attn_resolutions=(size // 2,))
+    x = torch.randn(2, channels, size, size, generator=gen())
+    out = model(x, torch.tensor([3, 3]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, model(x, torch.tensor([700, 700])))
+    # each image is processed independently (no batch coupling in eval mode)
+    assert torch.allclose(model(x[:1], torch.tensor([3])), out[:1], atol=1e-5)
+
+
+def test_unet_rejects_indivisible_image_size():
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        ddpm.UNet(image_size=36)
+
+
+def test_fresh_unet_predicts_zero_noise():
+    """Zero-initialised output layer (Ho et al.): a new model starts at eps_hat = 0."""
+    model = ddpm.UNet(**ddpm.PRESETS["tiny"])
+    assert model(torch.randn(2, 3, 32, 32), torch.tensor([1, 500])).abs().max() == 0
+
+
+def test_ema_is_an_exponential_moving_average():
+    model = torch.nn.Linear(3, 1)
+    ema = ddpm.EMA(model, decay=0.9)
+    w0 = model.weight.detach().clone()
+    expected = w0.clone()
+    for n in range(1, 30):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * model.weight.detach()
+    assert torch.allclose(ema.model.weight, expected)
+    other = ddpm.EMA(torch.nn.Linear(3, 1), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.decay == 0.9 and other.num_updates == 29 and torch.equal(other.model.weight, ema.model.weight)
+    ema.copy_to(model)
+    assert torch.equal(model.weight, ema.model.weight)
+
+
+def test_ddpm_py_alone_imports_and_samples(tmp_path):
+    """ddpm.py copied into an empty folder needs nothing but torch."""
+    shutil.copy(ROOT / "ddpm.py", tmp_path)
+    code = ("import sys\n"
+            "sys.modules.update(numpy=None, PIL=None, scipy=None)  # importing any of them now fails\n"
+            "import ddpm, torch\n"
+            "m = ddpm.UNet(**ddpm.PRESETS['tiny']).eval()\n"
+            "d = ddpm.Diffusion(ddpm.make_betas('cosine', 50))\n"
+            "x = d.ddim_sample(m, (2, 3, 32, 32), steps=5)\n"
+            "print(tuple(x.shape))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "", "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(2, 3, 32, 32)"
