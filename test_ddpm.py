@@ -348,3 +348,193 @@ def test_ddpm_py_alone_imports_and_samples(tmp_path):
                          env={"PATH": "", "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 3, 32, 32)"
+
+# ----------------------------------------------------------------------------------------------
+# fid.py: closed forms, the weights layout and loading path, the command line
+
+import numpy as np  # noqa: E402  (fid.py's tests need numpy and PIL; ddpm.py's do not)
+from PIL import Image  # noqa: E402
+
+import fid  # noqa: E402
+
+
+def random_inception_state():
+    """Random weights in the published layout, He-initialised so features stay O(1)."""
+    torch.manual_seed(0)
+    net = fid.FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(random_inception_state(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(inception_weights):
+    return fid.load_inception(inception_weights)
+
+
+def write_images(folder, n, seed, size=24, bright=0):
+    """n smooth random RGB images (a few as grey / JPEG / in a subfolder) -> folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        small = g.integers(0, 256 - bright, (4, 4, 3), dtype=np.uint8) + bright
+        im = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+        if i % 4 == 1:
+            im.convert("L").save(folder / f"{i:03d}.png")
+        elif i % 4 == 2:
+            (folder / "sub").mkdir(exist_ok=True)
+            im.save(folder / "sub" / f"{i:03d}.jpg", quality=95)
+        else:
+            im.save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 6))
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
+    shift = np.arange(6.0)
+    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-6)
+    d1, d2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 1.0])
+    assert fid.frechet_distance(np.zeros(3), np.diag(d1), np.zeros(3), np.diag(d2)) == \
+        pytest.approx(((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-9)
+    # non-commuting covariances: Tr((S1 S2)^(1/2)) is the sum of the roots of S1 S2's eigenvalues
+    b = rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))
+    s2 = np.cov(b, rowvar=False)
+    expected = np.trace(sigma) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(sigma @ s2).real).sum()
+    assert fid.frechet_distance(mu, sigma, mu, s2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_singular_covariances_is_finite():
+    s = np.diag([1.0, 0.0, 0.0])  # rank 1: sqrtm of the singular product needs care
+    assert fid.frechet_distance(np.zeros(3), s, np.ones(3), s) == pytest.approx(3.0, abs=1e-4)
+
+
+def test_inception_score_closed_forms():
+    n = 12
+    assert fid.inception_score(np.zeros((50, 1008)), splits=5) == pytest.approx((1.0, 0.0))
+    one_hot = np.full((n, 1008), -1e4)
+    one_hot[np.arange(n), np.arange(n)] = 0.0  # n images, n distinct confident classes
+    assert fid.inception_score(one_hot, splits=1)[0] == pytest.approx(n, rel=1e-9)
+    twice = np.concatenate([one_hot, one_hot])
+    assert fid.inception_score(twice, splits=2, shuffle=False) == pytest.approx((n, 0.0), rel=1e-9)
+
+
+def test_network_shapes_and_published_layout(inception):
+    state = inception.state_dict()
+    assert state["fc.weight"].shape == (1008, 2048) and state["fc.bias"].shape == (1008,)
+    for key in ("Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_mean", "Mixed_5b.branch5x5_2.conv.weight",
+                "Mixed_6e.branch7x7dbl_5.bn.running_var", "Mixed_7c.branch3x3dbl_3b.conv.weight"):
+        assert key in state
+    assert state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert all(m.eps == 0.001 for m in inception.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.inference_mode():
+        feats, logits = inception(torch.rand(2, 3, 40, 28))
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and feats.std() > 0.01
+
+
+def test_weights_load_strictly_through_the_torch_hub_cache(tmp_path, inception_weights, inception):
+    """The same code path as a real download, with the file already in the hub cache."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        (tmp_path / "checkpoints").mkdir()
+        shutil.copy(inception_weights, tmp_path / "checkpoints" / inception_weights.name)
+        model = fid.load_inception()
+    finally:
+        torch.hub.set_dir(old)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x)[0], inception(x)[0])
+
+
+def test_unavailable_weights_are_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "nowhere" / "pt_inception-x.pth").as_uri())
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(fid.FIDError, match="--weights PATH"):
+            fid.load_inception()
+    finally:
+        torch.hub.set_dir(old)
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, bad)
+    with pytest.raises(fid.FIDError, match="bad.pth"):
+        fid.load_inception(bad)
+
+
+def test_in_memory_activations_equal_those_of_saved_pngs(tmp_path, inception):
+    x = torch.rand(5, 3, 20, 20, generator=gen()) * 2 - 1
+    for i, im in enumerate(fid.to_uint8(x)):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+    mem = fid.get_activations(fid.tensor_batches(x, 2), inception)
+    disk = fid.folder_activations(tmp_path, inception, batch_size=3, quiet=True)
+    assert np.array_equal(mem[0], disk[0]) and np.array_equal(mem[1], disk[1])
+
+
+def test_npz_round_trip_and_bad_stats(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3) * 2
+    fid.save_stats(tmp_path / "s.npz", mu, sigma)
+    m2, s2 = fid.load_stats(tmp_path / "s.npz")
+    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma)
+    np.savez(tmp_path / "bad.npz", mean=mu)
+    with pytest.raises(fid.FIDError, match="no 'mu' and 'sigma'"):
+        fid.load_stats(tmp_path / "bad.npz")
+
+
+def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, capsys):
+    a = write_images(tmp_path / "a", 6, seed=1)
+    b = write_images(tmp_path / "b", 6, seed=2, bright=120)
+    (a / "corrupt.png").write_bytes(b"not an image")
+    w = ["--weights", str(inception_weights), "--num-workers", "0", "--batch-size", "4"]
+
+    def run(*args):
+        assert fid.main([*args, *w]) == 0
+        out = capsys.readouterr()
+        return out.out.strip(), out.err
+
+    fa, (fb, logits_b) = (fid.folder_activations(p, inception, quiet=True) for p in (a, b))
+    mu_a, sigma_a = fid.activation_statistics(fa[0])
+    mu_b, sigma_b = fid.activation_statistics(fb)
+    # independent of sqrtm: Tr((S_a S_b)^(1/2)) = sum of sqrt(eig(R S_b R)), R = S_a^(1/2) by eigh
+    w_a, v_a = np.linalg.eigh(sigma_a)
+    r = (v_a * np.sqrt(w_a.clip(0))) @ v_a.T
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh(r @ sigma_b @ r).clip(0)).sum()
+    expected = (mu_a - mu_b) @ (mu_a - mu_b) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * tr_sqrt
+    out, err = run(str(a), str(b))
+    assert "a: 6 images (1 unreadable, skipped)" in err
+    assert expected > 1 and out.startswith("FID: ") and float(out[5:]) == pytest.approx(expected, abs=1e-3)
+    run("--save-stats", str(a), str(tmp_path / "a.npz"))
+    mu, sigma = fid.load_stats(tmp_path / "a.npz")
+    assert np.allclose(mu, mu_a, rtol=1e-12) and np.allclose(sigma, sigma_a, rtol=1e-12)
+    mean, std = fid.inception_score(logits_b, splits=2)
+    assert run("--isc", str(b), "--splits", "2")[0] == f"IS: {mean:.4f} +- {std:.4f}"
+    # two statistics files need no network; identical ones print exactly 0
+    fid.save_stats(tmp_path / "s.npz", np.ones(3), np.diag([1.0, 2.0, 3.0]))
+    fid.save_stats(tmp_path / "t.npz", np.zeros(3), np.diag([4.0, 2.0, 3.0]))
+    assert run(str(tmp_path / "s.npz"), str(tmp_path / "s.npz"))[0] == "FID: 0.0000"
+    assert run(str(tmp_path / "s.npz"), str(tmp_path / "t.npz"))[0] == f"FID: {3 + (2 - 1) ** 2:.4f}"
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "one image", "bad npz"])
+def test_fid_command_line_bad_input_is_one_line(tmp_path, inception_weights, case):
+    write_images(tmp_path / "good", 3, seed=0)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    write_images(tmp_path / "one", 1, seed=0)
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    first = {"missing": "nope", "empty": "empty", "one image": "one", "bad npz": "bad.npz"}[case]
+    out = subprocess.run([sys.executable, str(ROOT / "fid.py"), first, "good", "--weights", str(inception_weights),
+                          "--num-workers", "0"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    lines = [line for line in out.stderr.splitlines() if line.startswith("fid.py: error:")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr

@@ -1,0 +1,424 @@
+"""fid.py: Frechet Inception Distance and Inception Score that give pytorch-fid's numbers.
+
+FID (Heusel et al. 2017) compares the mean and covariance of Inception-v3 pool3 features of two
+image sets. The network is the TensorFlow 2015-12-05 Inception graph as ported by pytorch-fid,
+with its FID-specific blocks, and loads pytorch-fid's published weights file unchanged (fetched
+once by torch.hub into its cache). Preprocessing is pytorch-fid's: RGB in [0, 1] (grey replicated),
+bilinear resize to 299x299 on floats (align_corners=False, no antialias), scaled to [-1, 1].
+Inception Score (Salimans et al. 2016) uses the same network's 1008-way logits without the fc
+bias, as torch-fidelity does.
+
+    python fid.py real/ generated/                      # FID of two image folders
+    python fid.py --save-stats real/ real.npz           # save mu and sigma (pytorch-fid's format)
+    python fid.py real.npz generated/                   # FID against saved statistics
+    python fid.py --isc generated/                      # Inception Score, mean and std over splits
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+
+
+class FIDError(Exception):
+    """A problem with the user's input or weights, reported as one line by the command lines."""
+
+# ----------------------------------------------------------------------------------------------
+# the network: module and parameter names are those of pt_inception-2015-12-05-6726825d.pth
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x):
+    # TensorFlow's average pool ignores the zero padding
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d7 = conv(d7)
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_1(x)
+        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b7 = conv(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """pool="avg" for Mixed_7b; "max" for Mixed_7c, where the FID graph has a max pool."""
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = _avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3),
+                          self.branch_pool(pooled)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 of the FID reference graph: images [N, 3, H, W] in [0, 1] ->
+    (pool3 features [N, 2048], logits without bias [N, 1008])."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, kernel_size=3, stride=2)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, "Mixed_" + name)(x)
+        pool3 = x.mean((2, 3))  # (N, 2048)
+        return pool3, pool3 @ self.fc.weight.T
+
+
+def weights_cache_path():
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception network in eval mode, from a local file or pytorch-fid's release
+    (downloaded once into the torch hub cache). Raises FIDError when neither can be read."""
+    model = FIDInceptionV3()
+    try:
+        if weights is not None:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=False,
+                                                       check_hash=True, weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # network, file and format errors all end the same way for the user
+        where = weights or f"{FID_WEIGHTS_URL} (cache: {weights_cache_path()})"
+        hint = "" if weights else f"; download it by hand to {weights_cache_path()} or pass --weights PATH"
+        raise FIDError(f"cannot load the Inception weights from {where}: {str(e).splitlines()[0]}{hint}") from None
+    model = model.eval().requires_grad_(False).to(device)
+    return model.to(memory_format=torch.channels_last)
+
+# ----------------------------------------------------------------------------------------------
+# images
+
+
+def list_images(folder):
+    """Image files under folder, recursively, sorted; FIDError when there is no such folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FIDError(f"{folder}: no such folder")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def read_image(path, mode="RGB"):
+    """A file as a uint8 tensor [C, H, W] (mode "RGB" or "L"), or None when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert(mode))
+    except Exception:
+        return None
+    return torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1).copy()).permute(2, 0, 1)
+
+
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8 in [0, 255], rounded as when they are saved as PNG."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return read_image(self.files[i])
+
+
+def folder_batches(folder, batch_size=50, num_workers=0, skipped=None):
+    """Yield lists of uint8 [3, H, W] tensors from an image folder, decoded by num_workers
+    processes. Unreadable files are left out and counted in skipped[0]."""
+    files = list_images(folder)
+    if not files:
+        raise FIDError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    loader = torch.utils.data.DataLoader(_Files(files), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=list)
+    for batch in loader:
+        good = [im for im in batch if im is not None]
+        if skipped is not None:
+            skipped[0] += len(batch) - len(good)
+        if good:
+            yield good
+
+
+def tensor_batches(x, batch_size=50):
+    """Yield uint8 batches from generated images x [N, C, H, W] in [-1, 1]."""
+    for i in range(0, x.shape[0], batch_size):
+        yield to_uint8(x[i:i + batch_size])
+
+# ----------------------------------------------------------------------------------------------
+# activations and statistics
+
+
+@torch.inference_mode()
+def get_activations(batches, model, progress=None):
+    """Run uint8 image batches (tensors [B, C, H, W] or lists of [C, H, W], C = 1 or 3, any size)
+    through the network. Returns float64 arrays (pool3 [N, 2048], logits [N, 1008])."""
+    device = next(model.parameters()).device
+    feats, logits, n = [], [], 0
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            batch = list(batch)
+        same = all(im.shape == batch[0].shape for im in batch)
+        groups = [torch.stack(batch)] if same else [im[None] for im in batch]
+        for g in groups:
+            x = g.to(device).float().div_(255).expand(-1, 3, -1, -1)
+            f, lg = model(x.contiguous(memory_format=torch.channels_last))
+            feats.append(f.double().cpu())
+            logits.append(lg.double().cpu())
+        n += len(batch)
+        if progress:
+            progress(n)
+    if not feats:
+        raise FIDError("no images")
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def activation_statistics(feats):
+    """Mean and covariance (float64) of features [N, D], as pytorch-fid's .npz mu and sigma."""
+    if feats.shape[0] < 2:
+        raise FIDError(f"need at least 2 images for a covariance, got {feats.shape[0]}")
+    feats = feats.astype(np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with pytorch-fid's rules: eps I is added
+    to both covariances when the product's square root is not finite, and a negligible imaginary
+    part (diagonal within 1e-3 of 0) is dropped; a larger one raises ValueError."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise FIDError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        print(f"fid: singular product; adding {eps} to the covariance diagonals", file=sys.stderr)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10, shuffle=True, seed=2020):
+    """exp(E_x KL(p(y|x) || p(y))) with p(y) the mean over each split; returns (mean, std) over
+    `splits` splits, shuffled with numpy's RandomState(seed) as torch-fidelity does."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    n = logits.shape[0]
+    if n < splits:
+        raise FIDError(f"need at least {splits} images for {splits} splits, got {n}")
+    if shuffle:
+        logits = logits[np.random.RandomState(seed).permutation(n)]
+    p, log_p = logits.softmax(1), logits.log_softmax(1)
+    scores = []
+    for i in range(splits):
+        lo, hi = i * n // splits, (i + 1) * n // splits
+        log_py = p[lo:hi].mean(0, keepdim=True).log()
+        kl = torch.where(p[lo:hi] > 0, p[lo:hi] * (log_p[lo:hi] - log_py), 0.0)  # 0 log 0 = 0
+        scores.append(kl.sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def load_stats(path):
+    """mu and sigma from a pytorch-fid .npz."""
+    try:
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    except KeyError:
+        raise FIDError(f"{path}: no 'mu' and 'sigma' arrays in this .npz") from None
+    except Exception as e:
+        raise FIDError(f"{path}: cannot read statistics ({e})") from None
+
+
+def save_stats(path, mu, sigma):
+    np.savez_compressed(path, mu=mu, sigma=sigma)
+
+
+def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False):
+    """pool3 features and logits of every readable image under folder (progress on stderr)."""
+    skipped = [0]
+    tty = sys.stderr.isatty() and not quiet
+    show = (lambda n: print(f"\r{folder}: {n} images", end="", file=sys.stderr)) if tty else None
+    feats, logits = get_activations(folder_batches(folder, batch_size, num_workers, skipped), model, show)
+    if not quiet:
+        print(("\r" if tty else "") + f"{folder}: {feats.shape[0]} images"
+              + (f" ({skipped[0]} unreadable, skipped)" if skipped[0] else ""), file=sys.stderr)
+    return feats, logits
+
+
+def check_input(path, need):
+    """Fail fast, before the network loads: a .npz must hold mu and sigma, a folder `need` images."""
+    if str(path).endswith(".npz"):
+        return load_stats(path)
+    n = len(list_images(path))
+    if n < need:
+        raise FIDError(f"{path}: {n} image{'s' * (n != 1)}, need at least {need}")
+    return None
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("path", nargs="*", help="two image folders or .npz statistics files")
+    p.add_argument("--save-stats", nargs=2, metavar=("FOLDER", "OUT_NPZ"), help="save mu and sigma of FOLDER")
+    p.add_argument("--isc", metavar="FOLDER", help="Inception Score of the images in FOLDER")
+    p.add_argument("--splits", type=int, default=10, help="splits for the Inception Score")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--weights", help="a local copy of pt_inception-2015-12-05-6726825d.pth")
+    args = p.parse_args(argv)
+    modes = (len(args.path) > 0) + (args.save_stats is not None) + (args.isc is not None)
+    if modes != 1 or (args.path and len(args.path) != 2):
+        p.error("give two paths, or --save-stats FOLDER OUT_NPZ, or --isc FOLDER")
+    inputs = [args.isc] if args.isc else [args.save_stats[0]] if args.save_stats else args.path
+    try:
+        stats = [check_input(x, args.splits if args.isc else 2) for x in inputs]
+        model = None if all(s is not None for s in stats) else load_inception(args.weights, args.device)
+        acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers)
+                for x, s in zip(inputs, stats)]
+        if args.isc:
+            mean, std = inception_score(acts[0][1], args.splits)
+            print(f"IS: {mean:.4f} +- {std:.4f}")
+            return 0
+        stats = [s if s is not None else activation_statistics(a[0]) for s, a in zip(stats, acts)]
+        if args.save_stats:
+            save_stats(args.save_stats[1], *stats[0])
+            print(f"saved {args.save_stats[1]}", file=sys.stderr)
+        else:  # FID is >= 0; rounding can leave identical sets at -1e-9, which would print as -0.0000
+            print(f"FID: {max(frechet_distance(*stats[0], *stats[1]), 0.0):.4f}")
+    except (FIDError, ValueError) as e:
+        print(f"fid.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
