@@ -379,6 +379,13 @@ def check_input(path, need):
         raise FIDError(f"{path}: {n} image{'s' * (n != 1)}, need at least {need}")
     return None
 
+
+def path_statistics(path, model, batch_size=50, num_workers=0):
+    """mu, sigma of a pytorch-fid .npz, or of the images in a folder."""
+    stats = check_input(path, 2)
+    return stats if stats is not None else activation_statistics(
+        folder_activations(path, model, batch_size, num_workers)[0])
+
 # ----------------------------------------------------------------------------------------------
 # command line
 

@@ -4,6 +4,7 @@ Run:  python -m pytest -q test_ddpm.py
 Most diffusion checks use data x0 ~ N(mu, sd^2 I), whose noise predictor E[eps | x_t] is known in
 closed form, so the samplers can be checked against exact statistics with no training.
 """
+import json
 import math
 import shutil
 import subprocess
@@ -104,9 +105,9 @@ def test_q_sample_matches_iterated_chain(schedule):
         if t in (0, 20, 100, T - 1):
             closed = d.q_sample(x0, torch.full((n,), t), torch.randn(x0.shape, generator=g))
             a = d.alphas_cumprod[t].item()
-            for sample in (x, closed):
-                assert sample.mean().item() == pytest.approx(0.7 * math.sqrt(a), abs=5 / math.sqrt(n))
-                assert sample.var().item() == pytest.approx(1 - a, rel=0.02, abs=2e-5)
+            for xs in (x, closed):
+                assert xs.mean().item() == pytest.approx(0.7 * math.sqrt(a), abs=5 / math.sqrt(n))
+                assert xs.var().item() == pytest.approx(1 - a, rel=0.02, abs=2e-5)
 
 
 def test_q_sample_is_not_clamped_and_predict_x0_inverts_it():
@@ -397,6 +398,15 @@ def write_images(folder, n, seed, size=24, bright=0):
     return folder
 
 
+def fid_by_eigh(mu1, s1, mu2, s2):
+    """FID without sqrtm (seconds instead of 15 s at 2048-d on 2 cores), as an independent check:
+    Tr((S1 S2)^(1/2)) = sum of sqrt(eig(R S2 R)) with R = S1^(1/2) by eigh."""
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(w.clip(0))) @ v.T
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh(r @ s2 @ r).clip(0)).sum()
+    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+
+
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(50, 6))
@@ -476,8 +486,8 @@ def test_in_memory_activations_equal_those_of_saved_pngs(tmp_path, inception):
     x = torch.rand(5, 3, 20, 20, generator=gen()) * 2 - 1
     for i, im in enumerate(fid.to_uint8(x)):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
-    mem = fid.get_activations(fid.tensor_batches(x, 2), inception)
-    disk = fid.folder_activations(tmp_path, inception, batch_size=3, quiet=True)
+    mem = fid.get_activations(fid.tensor_batches(x, 5), inception)
+    disk = fid.folder_activations(tmp_path, inception, batch_size=5, quiet=True)
     assert np.array_equal(mem[0], disk[0]) and np.array_equal(mem[1], disk[1])
 
 
@@ -504,12 +514,7 @@ def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, cap
 
     fa, (fb, logits_b) = (fid.folder_activations(p, inception, quiet=True) for p in (a, b))
     mu_a, sigma_a = fid.activation_statistics(fa[0])
-    mu_b, sigma_b = fid.activation_statistics(fb)
-    # independent of sqrtm: Tr((S_a S_b)^(1/2)) = sum of sqrt(eig(R S_b R)), R = S_a^(1/2) by eigh
-    w_a, v_a = np.linalg.eigh(sigma_a)
-    r = (v_a * np.sqrt(w_a.clip(0))) @ v_a.T
-    tr_sqrt = np.sqrt(np.linalg.eigvalsh(r @ sigma_b @ r).clip(0)).sum()
-    expected = (mu_a - mu_b) @ (mu_a - mu_b) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * tr_sqrt
+    expected = fid_by_eigh(mu_a, sigma_a, *fid.activation_statistics(fb))
     out, err = run(str(a), str(b))
     assert "a: 6 images (1 unreadable, skipped)" in err
     assert expected > 1 and out.startswith("FID: ") and float(out[5:]) == pytest.approx(expected, abs=1e-3)
@@ -538,3 +543,242 @@ def test_fid_command_line_bad_input_is_one_line(tmp_path, inception_weights, cas
     assert out.returncode == 1 and out.stdout == ""
     lines = [line for line in out.stderr.splitlines() if line.startswith("fid.py: error:")]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+
+# ----------------------------------------------------------------------------------------------
+# train.py and sample.py
+
+import csv  # noqa: E402
+import gzip  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import sample  # noqa: E402
+import train  # noqa: E402
+
+TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--T", "50", "--sample-n", "4",
+        "--sample-steps", "5", "--workers", "0", "--warmup", "2"]
+
+
+def mixed_folder(root):
+    """Images of several sizes, modes and formats, one corrupt file, one non-image."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    specs = [("a.png", "RGB", (40, 30)), ("b.jpg", "RGB", (16, 16)), ("c.bmp", "L", (20, 24)),
+             ("sub/d.webp", "RGB", (33, 17)), ("sub/deeper/e.png", "RGBA", (16, 16)), ("f.png", "P", (18, 18)),
+             ("g.PNG", "RGB", (64, 64)), ("h.jpeg", "L", (17, 31))]
+    for name, mode, (w, h) in specs:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(root / name)
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_log(run):
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    run = root / "run"
+    assert train.main(["--data", str(mixed_folder(root / "data")), "--out", str(run), "--steps", "6",
+                       "--save-every", "3", "--sample-every", "3", "--log-every", "1", *TINY]) == 0
+    return run
+
+
+def test_training_run_folder_holds_everything(trained_run):
+    assert json.loads((trained_run / "config.json").read_text())["model"]["image_size"] == 16
+    assert [int(r["step"]) for r in read_log(trained_run)] == list(range(1, 7))
+    assert sorted(p.name for p in (trained_run / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
+    grid = Image.open(trained_run / "samples" / "step_000006.png")
+    assert grid.size == (2 * 18 + 2, 2 * 18 + 2) and grid.mode == "RGB"  # 4 samples of 16 px, 2 px padding
+    assert Image.open(trained_run / "loss.png").size == (640, 360)
+    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and not (trained_run / "ckpt.pt.tmp").exists()
+    assert set(ckpt) >= {"model", "ema", "optimizer", "step", "epoch", "config", "rng"}
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_folder_loading_fits_every_format_and_skips_the_corrupt_file(tmp_path, capsys):
+    data = train.load_folder(mixed_folder(tmp_path), 16, 3)
+    assert data.shape == (8, 3, 16, 16) and data.dtype == torch.uint8
+    assert "1 unreadable image file skipped" in capsys.readouterr().err
+    assert train.load_folder(tmp_path, 12, 1).shape == (8, 1, 12, 12)
+    # fitting: short side resized, centre crop
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 5, 20))  # a blue band on the left is cropped away
+    assert (train.fit_image(im, 8, "RGB")[:, :, 0] == np.array([[255], [0], [0]])).all()
+
+
+def test_idx_files_are_read_exactly(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    header = bytes([0, 0, 8, 3]) + np.array([5, 28, 28], ">i4").tobytes()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + imgs.tobytes())
+    assert np.array_equal(train.read_idx_images(tmp_path / "t10k-images-idx3-ubyte.gz"), imgs)
+    assert np.array_equal(train.load_folder(tmp_path, 28, 1)[:, 0].numpy(), imgs)
+
+
+def test_demo_shapes_are_deterministic_and_varied():
+    a, b = train.demo_shapes(64, 32, seed=3), train.demo_shapes(64, 32, seed=3)
+    assert torch.equal(a, b) and a.shape == (64, 3, 32, 32)
+    assert a.float().std((1, 2, 3)).min() > 10  # every image has a visible shape on its background
+    assert train.demo_shapes(8, 16, channels=1).shape == (8, 1, 16, 16)
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    first_epoch = torch.cat([train.batch_indices(20, 5, s, seed=1)[0] for s in range(4)])
+    assert sorted(first_epoch.tolist()) == list(range(20))  # an epoch visits each image once
+    assert train.batch_indices(20, 5, 4, seed=1)[1] == 1
+    assert torch.equal(train.batch_indices(20, 5, 6, seed=1)[0], train.batch_indices(20, 5, 6, seed=1)[0])
+
+
+def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path):
+    data = mixed_folder(tmp_path / "data")
+    common = ["--data", str(data), "--steps", "24", "--save-every", "1000", "--sample-every", "0",
+              "--log-every", "1", *TINY]
+    assert train.main(["--out", str(tmp_path / "full"), *common]) == 0
+    cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"), *common]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # interrupt once it is properly under way
+        log = tmp_path / "cut" / "log.csv"
+        if log.exists() and len(log.read_text().splitlines()) > 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0 and "interrupted: saved" in err, err
+    cut = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= cut < 24
+    assert train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"]) == 0
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == [str(s) for s in range(1, 25)]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # same batches, noise and updates
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
+    assert b["step"] == 24 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_loss, calls = ddpm.Diffusion.loss, []
+
+    def loss_that_breaks(self, *a, **kw):
+        calls.append(1)
+        value = real_loss(self, *a, **kw)
+        return value * float("nan") if len(calls) == 4 else value
+
+    monkeypatch.setattr(ddpm.Diffusion, "loss", loss_that_breaks)
+    code = train.main(["--out", str(tmp_path / "r"), "--steps", "10", "--save-every", "2", "--sample-every", "0",
+                       *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and "loss is nan at step 3" in err and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "/no/such/folder"], "no such folder"),
+    (["--data", "EMPTY"], "no images"),
+    (["--image-size", "30"], "not divisible by 4"),
+    (["--channel-mults", "1,x"], "comma-separated integers"),
+    (["--out", "EXISTING"], "holds a run already"),
+    (["--resume", "/no/such/run"], "no such checkpoint"),
+])
+def test_train_bad_input_is_one_line(tmp_path, trained_run, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    argv = [{"EMPTY": str(tmp_path / "empty"), "EXISTING": str(trained_run)}.get(a, a) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "r")]
+    assert train.main([*TINY, *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.py: error:") and message in err[-1]
+
+
+def test_train_error_has_no_traceback_from_the_shell(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "missing")],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_writes_a_grid_and_matching_pngs(tmp_path, trained_run, sampler):
+    args = [str(trained_run), "--n", "5", "--sampler", sampler, "--steps", "10", "--batch-size", "2"]
+    assert sample.main([*args, "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "pngs")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    pngs = sorted((tmp_path / "pngs").iterdir())
+    assert len(pngs) == 5 and grid.shape == (2 + 2 * 18, 2 + 3 * 18, 3)
+    for k, p in enumerate(pngs):  # each PNG is the grid's tile
+        y, x = 2 + (k // 3) * 18, 2 + (k % 3) * 18
+        assert np.array_equal(np.asarray(Image.open(p)), grid[y:y + 16, x:x + 16])
+    assert sample.main([*args, "--grid", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)  # same seed, same images
+
+
+def test_sample_uses_ema_unless_told(tmp_path, trained_run):
+    for name, extra in (("ema.png", []), ("raw.png", ["--no-ema"])):
+        assert sample.main([str(trained_run), "--n", "2", "--steps", "5", "--grid", str(tmp_path / name), *extra]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "ema.png")), np.asarray(Image.open(tmp_path / "raw.png")))
+
+
+def test_sample_trajectory_forward_interpolate_and_invert(tmp_path, trained_run):
+    run = str(trained_run)
+    assert sample.main([run, "--n", "3", "--steps", "20", "--grid", str(tmp_path / "s.png"),
+                        "--trajectory", str(tmp_path / "t.png")]) == 0
+    strip, final = np.asarray(Image.open(tmp_path / "t.png")), np.asarray(Image.open(tmp_path / "s.png"))
+    assert strip.shape == (2 + 3 * 18, 2 + 10 * 18, 3)
+    for k in range(3):  # the last column is x_0, the sample itself
+        assert np.array_equal(strip[2 + k * 18:18 + k * 18, 2 + 9 * 18:18 + 9 * 18],
+                              final[2 + (k // 2) * 18:18 + (k // 2) * 18, 2 + (k % 2) * 18:18 + (k % 2) * 18])
+
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
+    assert sample.main([run, "--forward", str(img), "--grid", str(tmp_path / "f.png")]) == 0
+    f = np.asarray(Image.open(tmp_path / "f.png")).astype(float)
+    tiles = [f[2:18, 2 + k * 18:18 + k * 18] for k in range(11)]
+    src = np.asarray(Image.open(img)).astype(float)
+    assert np.array_equal(tiles[0], src)
+    # x_t at t = 0 is x_0 plus noise of std sqrt(1 - a-bar_0) (uint8 rounding adds variance 1/12)
+    a0 = torch.load(trained_run / "ckpt.pt", weights_only=True)["config"]["beta_start"]
+    assert np.std(tiles[1] - src) == pytest.approx(math.sqrt(127.5 ** 2 * a0 + 1 / 12), rel=0.15)
+    diffs = [np.abs(t - src).mean() for t in tiles[1:]]
+    assert diffs == sorted(diffs) and diffs[-1] > 30  # ever further from the image
+
+    assert sample.main([run, "--interpolate", "--n", "6", "--steps", "10", "--grid", str(tmp_path / "i.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "i.png")).shape == (2 + 18, 2 + 6 * 18, 3)
+
+    img2 = tmp_path / "in2.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img2)
+    assert sample.main([run, "--invert", str(img), str(img2), "--steps", "20", "--grid", str(tmp_path / "v.png")]) == 0
+    v = np.asarray(Image.open(tmp_path / "v.png")).astype(int)
+    top, bottom = v[2:18], v[20:36]
+    for k in range(2):  # decoding each image's inversion gives the image back
+        assert np.abs(bottom[:, 2 + k * 18:18 + k * 18] - top[:, 2 + k * 18:18 + k * 18]).max() <= 2
+
+
+def test_sample_fid_in_memory_equals_fid_of_the_written_pngs(tmp_path, trained_run, inception_weights, inception,
+                                                             capsys):
+    ref = write_images(tmp_path / "ref", 4, seed=5, size=16)
+    assert sample.main([str(trained_run), "--n", "4", "--steps", "5", "--grid", str(tmp_path / "g.png"),
+                        "--out", str(tmp_path / "pngs"), "--fid", str(ref), "--fid-weights", str(inception_weights)]) == 0
+    in_memory = capsys.readouterr().out.strip()
+    stats = [fid.activation_statistics(fid.folder_activations(p, inception, quiet=True)[0])
+             for p in (tmp_path / "pngs", ref)]
+    assert in_memory.startswith("FID: ") and float(in_memory[5:]) == pytest.approx(fid_by_eigh(*stats[0], *stats[1]), abs=1e-3)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other architecture"])
+def test_sample_bad_checkpoint_is_one_line(tmp_path, trained_run, capsys, case):
+    path = tmp_path / "ckpt.pt"
+    if case == "corrupt":
+        path.write_bytes((trained_run / "ckpt.pt").read_bytes()[:1000])
+    elif case == "other architecture":
+        ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
+        ckpt["config"]["model"]["base_channels"] = 32
+        torch.save(ckpt, path)
+    assert sample.main([str(path), "--n", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sample.py: error:") and str(path) in err[0]

@@ -1,0 +1,478 @@
+"""train.py: train a DDPM (Ho et al. 2020) on a folder of images, or on a built-in demo set.
+
+    python train.py                                           # demo: coloured shapes at 32x32, CPU minutes
+    python train.py --data ./faces --T 300 --schedule cosine --preset faces64 --image-size 64
+    python train.py --data ../shared/data/mnist --channels 1 --image-size 32 --preset tiny
+    python train.py --resume runs/faces                       # continue exactly where it stopped
+
+A folder is searched recursively for png/jpg/jpeg/bmp/webp images (and MNIST's IDX files); each
+is decoded once, its short side resized and centre-cropped to --image-size, and kept in memory
+as uint8. The run folder (--out) gets config.json, ckpt.pt (written atomically; Ctrl-C saves
+it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model with DDIM.
+"""
+import argparse
+import csv
+import gzip
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+import ddpm
+import fid
+
+TRAIN_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, exit status 1."""
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class _FittedImages(torch.utils.data.Dataset):
+    def __init__(self, files, size, mode):
+        self.files, self.size, self.mode = files, size, mode
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                return fit_image(im, self.size, self.mode)
+        except Exception:
+            return None
+
+
+def fit_image(im, size, mode):
+    """PIL image -> uint8 array [C, size, size]: short side resized (bicubic), centre crop."""
+    a = np.asarray(ImageOps.fit(im.convert(mode), (size, size), Image.BICUBIC))
+    return a.reshape(size, size, -1).transpose(2, 0, 1)
+
+
+def read_idx_images(path):
+    """Images from an MNIST-style IDX file (optionally gzipped) as uint8 [N, H, W]."""
+    raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+    if raw[2] != 0x08 or raw[3] != 3:
+        raise UserError(f"{path}: not an IDX file of uint8 images")
+    n, h, w = np.frombuffer(raw, ">i4", 3, offset=4)
+    return np.frombuffer(raw, np.uint8, n * h * w, offset=16).reshape(n, h, w)
+
+
+def load_folder(folder, size, channels, workers=0):
+    """Every image under folder as one uint8 tensor [N, C, size, size] (decoded in parallel)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--data {folder}: no such folder")
+    mode = "L" if channels == 1 else "RGB"
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = [p for p in paths if p.suffix.lower() in TRAIN_EXTENSIONS]
+    idx = [p for p in paths if p.name.endswith(("idx3-ubyte", "idx3-ubyte.gz"))]
+    arrays = [fit_image(Image.fromarray(a), size, mode) for p in idx for a in read_idx_images(p)]
+    need = (len(files) + len(arrays)) * channels * size * size
+    if need > 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        raise UserError(f"{folder}: {len(files) + len(arrays)} images at {size}x{size} need {need / 2**30:.1f} GiB, "
+                        "over half this machine's memory; use a smaller --image-size or a subset")
+    loader = torch.utils.data.DataLoader(_FittedImages(files, size, mode), batch_size=64, num_workers=workers,
+                                         collate_fn=list)
+    bad = 0
+    for batch in loader:
+        arrays += [a for a in batch if a is not None]
+        bad += sum(a is None for a in batch)
+    if bad:
+        print(f"{folder}: {bad} unreadable image file{'s' * (bad > 1)} skipped", file=sys.stderr)
+    if not arrays:
+        raise UserError(f"--data {folder}: no images ({', '.join(sorted(TRAIN_EXTENSIONS))} or IDX)")
+    return torch.from_numpy(np.stack(arrays))
+
+
+def demo_shapes(n=2048, size=32, channels=3, seed=0):
+    """A built-in data set: one coloured circle, square or triangle on a plain background."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        while np.abs(bg - fg).sum() < 200:  # keep the shape visible
+            fg = rng.integers(0, 256, 3)
+        im = Image.new("RGB", (size, size), tuple(int(c) for c in bg))
+        draw, r = ImageDraw.Draw(im), rng.uniform(0.2, 0.35) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        kind, color = rng.integers(3), tuple(int(c) for c in fg)
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif kind == 1:
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+        out[i] = np.asarray(im)
+    x = torch.from_numpy(out).permute(0, 3, 1, 2)
+    return x if channels == 3 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
+
+
+def batch_indices(n, batch_size, step, seed):
+    """Indices of the batch at `step`: epochs are seeded permutations, so the order is a pure
+    function of (seed, step) and a resumed run sees exactly the batches it would have seen."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size], epoch
+
+# ----------------------------------------------------------------------------------------------
+# pictures
+
+
+def save_grid(images, path, nrow=None, pad=2):
+    """Save uint8 [N, C, H, W] (or float in [-1, 1]) as one PNG grid, nrow images per row."""
+    if images.dtype != torch.uint8:
+        images = fid.to_uint8(images)
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for k, im in enumerate(images.cpu().permute(0, 2, 3, 1).numpy()):
+        y, x = pad + (k // nrow) * (h + pad), pad + (k % nrow) * (w + pad)
+        grid[y:y + h, x:x + w] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def plot_loss(log_path, png_path, width=640, height=360):
+    """Loss against step from log.csv, log-scaled, drawn with Pillow."""
+    with open(log_path) as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    if len(rows) < 2:
+        return
+    steps = np.array([s for s, _ in rows])
+    loss = np.log10(np.maximum([v for _, v in rows], 1e-8))
+    k = max(1, len(loss) // 50)  # moving average over ~2% of the run
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    left, right, top, bottom = 60, width - 15, 15, height - 35
+    lo, hi = math.floor(loss.min() * 2) / 2, math.ceil(loss.max() * 2) / 2 + 1e-9
+    px = lambda s: left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (right - left)
+    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    d.rectangle([left, top, right, bottom], outline="black")
+    for e in np.arange(lo, hi, 0.5):
+        d.line([left - 4, py(e), left, py(e)], fill="black")
+        d.text((5, py(e) - 6), f"{10 ** e:.3g}", fill="black")
+    for s in np.linspace(steps[0], steps[-1], 5):
+        d.line([px(s), bottom, px(s), bottom + 4], fill="black")
+        d.text((px(s) - 15, bottom + 8), f"{int(s)}", fill="black")
+    d.text(((left + right) // 2 - 40, height - 16), "step (loss, log)", fill="black")
+    d.line([(px(s), py(v)) for s, v in zip(steps, loss)], fill=(190, 205, 235))
+    d.line([(px(s), py(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 160), width=2)
+    im.save(png_path)
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(checkpoint dict, model, EMA, Diffusion) from a run folder or a ckpt.pt, built from the
+    configuration inside it. weights_only=True: loading a checkpoint never runs code."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = ckpt["config"]
+        model = ddpm.UNet(**cfg["model"]).to(device)
+        model.load_state_dict(ckpt["model"])
+        ema = ddpm.EMA(model, cfg["ema_decay"])
+        ema.load_state_dict(ckpt["ema"])
+    except Exception as e:
+        raise UserError(f"{path}: not a checkpoint of this version of train.py "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    betas = ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"], cfg["beta_end"])
+    return ckpt, model, ema, ddpm.Diffusion(betas).to(device)
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", help="image folder (searched recursively); none: the built-in demo shapes")
+    a("--out", default="runs/ddpm", help="run folder")
+    a("--resume", metavar="RUN", help="continue the run in this folder (its config wins)")
+    a("--image-size", type=int, default=None, help="default: the preset's (32 tiny/cifar10, 64 faces64)")
+    a("--channels", type=int, default=3, choices=(1, 3), help="1 for grayscale")
+    a("--no-flip", action="store_true", help="no random horizontal flips")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    a("--T", type=int, default=1000, help="diffusion steps")
+    a("--schedule", default="linear", choices=ddpm.SCHEDULES)
+    a("--beta-start", type=float, default=1e-4)
+    a("--beta-end", type=float, default=0.02)
+    a("--loss", default="l2", choices=ddpm.LOSSES)
+    a("--preset", default="tiny", choices=sorted(ddpm.PRESETS))
+    a("--base-channels", type=int)
+    a("--channel-mults", help="e.g. 1,2,2")
+    a("--num-res-blocks", type=int)
+    a("--attn-resolutions", help="e.g. 16 or 16,8; 'none' for no attention")
+    a("--dropout", type=float)
+    a("--act", choices=("silu", "relu"), default="silu")
+    a("--norm", choices=("group", "batch"), default="group")
+    a("--batch-size", type=int, default=64)
+    a("--lr", type=float, default=2e-4)
+    a("--warmup", type=int, default=200, help="linear warm-up steps")
+    a("--decay", default="cosine", choices=("cosine", "none"), help="learning-rate decay to 10%% after warm-up")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--ema-decay", type=float, default=0.999)
+    a("--steps", type=int, help="optimizer steps (default: 2000 on the demo set, else from --epochs)")
+    a("--epochs", type=int, default=100)
+    a("--amp", choices=("bf16", "fp16"), help="autocast on CUDA")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--sample-every", type=int, default=500, help="steps between sample grids (0: off)")
+    a("--sample-n", type=int, default=36)
+    a("--sample-steps", type=int, default=50, help="DDIM steps for the grids")
+    a("--save-every", type=int, default=500)
+    a("--log-every", type=int, default=10)
+    a("--fid-every", type=int, default=0, help="steps between FIDs against the training set (0: off)")
+    a("--fid-samples", type=int, default=1000)
+    return p.parse_args(argv)
+
+
+def run_config(args):
+    """The run's configuration (model included) from the command line."""
+    cfg = dict(ddpm.PRESETS[args.preset])
+    for key, value in (("base_channels", args.base_channels), ("num_res_blocks", args.num_res_blocks),
+                       ("dropout", args.dropout), ("image_size", args.image_size)):
+        if value is not None:
+            cfg[key] = value
+    try:
+        if args.channel_mults:
+            cfg["channel_mults"] = [int(m) for m in args.channel_mults.split(",")]
+        if args.attn_resolutions:
+            cfg["attn_resolutions"] = ([] if args.attn_resolutions == "none"
+                                       else [int(r) for r in args.attn_resolutions.split(",")])
+    except ValueError:
+        raise UserError("--channel-mults and --attn-resolutions take comma-separated integers") from None
+    cfg.update(in_channels=args.channels, activation=args.act, norm=args.norm)
+    skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
+            "dropout", "image_size", "act", "norm"}
+    run = {k: v for k, v in vars(args).items() if k not in skip}
+    ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
+    return run | {"model": cfg}
+
+
+def lr_at(step, cfg, total):
+    """Linear warm-up, then cosine decay to 10% of --lr (or constant)."""
+    if step < cfg["warmup"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    if cfg["decay"] == "none":
+        return cfg["lr"]
+    progress = (step - cfg["warmup"]) / max(total - cfg["warmup"], 1)
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def progress_line(step, total, epoch, loss, ips, eta_s):
+    return (f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | {ips:.0f} img/s | "
+            f"ETA {int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m{int(eta_s % 60):02d}s")
+
+
+def train(args):
+    # -- configuration: a resumed run takes everything from its checkpoint --------------------
+    device = torch.device(args.device)
+    if args.resume:
+        ckpt, model, ema, diffusion = load_checkpoint(args.resume, device)
+        cfg, out = ckpt["config"], Path(args.resume)
+        if args.steps:  # the one thing a resume may change: how long to go on
+            cfg["steps"] = args.steps
+    else:
+        cfg, out, ckpt = run_config(args), Path(args.out), None
+        if (out / "ckpt.pt").exists():
+            raise UserError(f"{out} holds a run already: --resume {out}, or choose another --out")
+    mcfg = cfg["model"]
+    torch.manual_seed(cfg["seed"])
+
+    # -- data --------------------------------------------------------------------------------
+    size, channels = mcfg["image_size"], mcfg["in_channels"]
+    if cfg["data"]:
+        data = load_folder(cfg["data"], size, channels, cfg["workers"])
+    else:
+        data = demo_shapes(size=size, channels=channels, seed=cfg["seed"])
+    data = data.to(device)
+    per_epoch = max(len(data) // cfg["batch_size"], 1)
+    if not cfg["steps"]:
+        cfg["steps"] = 2000 if not cfg["data"] else cfg["epochs"] * per_epoch
+    total = cfg["steps"]
+    print(f"data: {len(data)} images {channels}x{size}x{size} from {cfg['data'] or 'the built-in demo shapes'}; "
+          f"{per_epoch} steps an epoch, {total} steps", file=sys.stderr)
+
+    # -- model, diffusion, optimizer ---------------------------------------------------------
+    if ckpt is None:
+        model = ddpm.UNet(**mcfg).to(device)
+        ema = ddpm.EMA(model, cfg["ema_decay"])
+        diffusion = ddpm.Diffusion(ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"],
+                                                   cfg["beta_end"])).to(device)
+    print(f"model: {ddpm.count_params(model) / 1e6:.2f} M parameters", file=sys.stderr)
+    a_T = diffusion.alphas_cumprod[-1].item()
+    print(f"schedule: {cfg['schedule']} T={cfg['T']}, alpha-bar_T = {a_T:.2e}", file=sys.stderr)
+    if a_T > 0.01:
+        print(f"warning: alpha-bar_T = {a_T:.3f} > 0.01: x_T keeps {math.sqrt(a_T):.0%} of the image, so "
+              "sampling from pure noise starts off the training distribution; use --schedule cosine "
+              "or a larger --beta-end", file=sys.stderr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    step = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        print(f"resumed {out} at step {step}", file=sys.stderr)
+    use_amp = cfg["amp"] and device.type == "cuda"
+    if cfg["amp"] and not use_amp:
+        print("note: --amp applies on CUDA only; training in float32", file=sys.stderr)
+    amp_dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(enabled=bool(use_amp and cfg["amp"] == "fp16"))
+    fwd = torch.compile(model) if cfg["compile"] else model
+
+    # -- the run folder ----------------------------------------------------------------------
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    log_path = out / "log.csv"
+    rows = []
+    if ckpt is not None and log_path.exists():  # drop rows logged after the checkpoint was saved
+        with open(log_path) as f:
+            rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if int(r[0]) <= step]
+    with open(log_path, "w", newline="") as f:
+        csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
+
+    def checkpoint():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"the weights are no longer finite at step {step}; not saving over the last good "
+                            f"{out / 'ckpt.pt'} (try a lower --lr or --grad-clip)")
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "ema": ema.state_dict(),
+                                          "optimizer": opt.state_dict(), "step": step,
+                                          "epoch": step // per_epoch, "config": cfg, "rng": rng})
+        plot_loss(log_path, out / "loss.png")
+
+    def sample_grid():
+        g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
+        x = diffusion.ddim_sample(ema.model, (cfg["sample_n"], channels, size, size), steps=cfg["sample_steps"],
+                                  generator=g)
+        save_grid(x, out / "samples" / f"step_{step:06d}.png")
+
+    fid_state = {"model": None, "ref": None, "off": False}
+
+    def measure_fid():
+        if fid_state["off"]:
+            return
+        try:
+            if fid_state["model"] is None:
+                fid_state["model"] = fid.load_inception(device=device)
+                ref = data[:max(cfg["fid_samples"], 2)]
+                fid_state["ref"] = fid.activation_statistics(fid.get_activations(ref.split(50), fid_state["model"])[0])
+        except fid.FIDError as e:
+            print(f"\nnote: FID skipped for this run: {e}", file=sys.stderr)
+            fid_state["off"] = True
+            return
+        g = torch.Generator(device).manual_seed(cfg["seed"] + 1)
+        xs = [diffusion.ddim_sample(ema.model, (min(100, cfg["fid_samples"] - i), channels, size, size),
+                                    steps=cfg["sample_steps"], generator=g)
+              for i in range(0, cfg["fid_samples"], 100)]
+        feats = fid.get_activations(fid.tensor_batches(torch.cat(xs)), fid_state["model"])[0]
+        value = fid.frechet_distance(*fid.activation_statistics(feats), *fid_state["ref"])
+        with open(out / "fid.csv", "a") as f:
+            f.write(f"{step},{value:.4f}\n")
+        print(f"\nstep {step}: FID {value:.2f} ({cfg['fid_samples']} samples)", file=sys.stderr)
+
+    stop = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1))  # finish the step, save, leave
+
+    # -- the loop ----------------------------------------------------------------------------
+    try:
+        tty, smooth, t_last, n_last = sys.stderr.isatty(), None, time.perf_counter(), 0
+        model.train()
+        while step < total and not stop:
+            idx, epoch = batch_indices(len(data), cfg["batch_size"], step, cfg["seed"])
+            x0 = data[idx].float().div_(127.5).sub_(1)
+            if not cfg["no_flip"]:
+                flip = torch.rand(x0.shape[0], 1, 1, 1, device=device) < 0.5
+                x0 = torch.where(flip, x0.flip(3), x0)
+            lr = lr_at(step, cfg, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(use_amp)):
+                loss = diffusion.loss(fwd, x0, cfg["loss"])
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss is {loss_value} at step {step}: training stopped; {out / 'ckpt.pt'} holds "
+                                "the last good state (try a lower --lr, --grad-clip or no --amp)")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg["grad_clip"]:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(opt)
+            scaler.update()
+            ema.update(model)
+            step += 1
+            n_last += x0.shape[0]
+            smooth = loss_value if smooth is None else 0.98 * smooth + 0.02 * loss_value
+
+            if step % cfg["log_every"] == 0 or step == total:
+                now = time.perf_counter()
+                ips = n_last / (now - t_last)
+                t_last, n_last = now, 0
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([step, epoch, f"{loss_value:.6f}", f"{lr:.3e}", f"{ips:.1f}"])
+                line = progress_line(step, total, epoch, smooth, ips, (total - step) * cfg["batch_size"] / ips)
+                if tty:
+                    print("\r" + line, end="", file=sys.stderr, flush=True)
+                elif step % (cfg["log_every"] * 10) == 0 or step == total:
+                    print(line, file=sys.stderr, flush=True)
+            if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step == total):
+                sample_grid()
+            if cfg["fid_every"] and (step % cfg["fid_every"] == 0 or step == total):
+                measure_fid()
+            if step % cfg["save_every"] == 0 or step == total:
+                checkpoint()
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if stop:
+        checkpoint()
+        print(f"\ninterrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume {out}", file=sys.stderr)
+    else:
+        print(f"\ndone: {out / 'ckpt.pt'}", file=sys.stderr)
+    return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (UserError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
