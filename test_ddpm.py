@@ -680,6 +680,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkeypatch, inception_weights, capsys):
+    base = ["--steps", "4", "--sample-every", "0", "--save-every", "4", "--fid-samples", "6", *TINY]
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "nowhere" / "pt_inception-x.pth").as_uri())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert train.main(["--out", str(tmp_path / "a"), "--fid-every", "2", *base]) == 0  # two FID points, no weights
+    err = capsys.readouterr().err
+    assert err.count("note: FID skipped") == 1 and not (tmp_path / "a" / "fid.csv").exists()
+    real_load = fid.load_inception
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": real_load(inception_weights, device))
+    assert train.main(["--out", str(tmp_path / "b"), "--fid-every", "4", *base]) == 0
+    rows = (tmp_path / "b" / "fid.csv").read_text().split()
+    assert len(rows) == 1 and rows[0].startswith("4,") and float(rows[0][2:]) > 0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--data", "/no/such/folder"], "no such folder"),
     (["--data", "EMPTY"], "no images"),

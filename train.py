@@ -234,12 +234,12 @@ def parse_args(argv=None):
     a("--act", choices=("silu", "relu"), default="silu")
     a("--norm", choices=("group", "batch"), default="group")
     a("--batch-size", type=int, default=64)
-    a("--lr", type=float, default=2e-4)
+    a("--lr", type=float, help="peak learning rate (default: 1e-3 for tiny, 2e-4 as Ho et al. for larger presets)")
     a("--warmup", type=int, default=200, help="linear warm-up steps")
     a("--decay", default="cosine", choices=("cosine", "none"), help="learning-rate decay to 10%% after warm-up")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     a("--ema-decay", type=float, default=0.999)
-    a("--steps", type=int, help="optimizer steps (default: 2000 on the demo set, else from --epochs)")
+    a("--steps", type=int, help="optimizer steps (default: 1500 on the demo set, else from --epochs)")
     a("--epochs", type=int, default=100)
     a("--amp", choices=("bf16", "fp16"), help="autocast on CUDA")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -274,6 +274,8 @@ def run_config(args):
     skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
             "dropout", "image_size", "act", "norm"}
     run = {k: v for k, v in vars(args).items() if k not in skip}
+    if run["lr"] is None:
+        run["lr"] = 1e-3 if args.preset == "tiny" else 2e-4
     ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
     return run | {"model": cfg}
 
@@ -317,7 +319,7 @@ def train(args):
     data = data.to(device)
     per_epoch = max(len(data) // cfg["batch_size"], 1)
     if not cfg["steps"]:
-        cfg["steps"] = 2000 if not cfg["data"] else cfg["epochs"] * per_epoch
+        cfg["steps"] = 1500 if not cfg["data"] else cfg["epochs"] * per_epoch
     total = cfg["steps"]
     print(f"data: {len(data)} images {channels}x{size}x{size} from {cfg['data'] or 'the built-in demo shapes'}; "
           f"{per_epoch} steps an epoch, {total} steps", file=sys.stderr)
@@ -387,7 +389,8 @@ def train(args):
         try:
             if fid_state["model"] is None:
                 fid_state["model"] = fid.load_inception(device=device)
-                ref = data[:max(cfg["fid_samples"], 2)]
+                pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))
+                ref = data[pick[:max(cfg["fid_samples"], 2)].to(device)]  # a random subset, not the first files
                 fid_state["ref"] = fid.activation_statistics(fid.get_activations(ref.split(50), fid_state["model"])[0])
         except fid.FIDError as e:
             print(f"\nnote: FID skipped for this run: {e}", file=sys.stderr)

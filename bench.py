@@ -1,0 +1,172 @@
+"""bench.py: how fast ddpm trains, samples and computes FID features on this machine.
+
+    python bench.py                 # a few minutes on 2 CPU cores; writes bench.json
+    python bench.py --quick         # about a minute
+    python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants
+
+Measures training images/s (forward, backward, AdamW and EMA) for the tiny preset at 32x32 and
+faces64 at 64x64; sampling cost per denoising step and image, seconds per image for DDPM
+(T = 1000, 300) and DDIM (50, 20 steps), and DDIM's overhead outside the network; fid.py feature
+extraction images/s; peak memory. Inception runs on random weights (same cost as the real ones).
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+import ddpm
+import fid
+
+
+def machine(device):
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats):
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(preset, args, device, channels=3):
+    model = ddpm.UNet(**dict(ddpm.PRESETS[preset], in_channels=channels)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def bench_train(preset, batch, args, device):
+    model = build(preset, args, device)
+    size = model.config["image_size"]
+    ema = ddpm.EMA(model)
+    fwd = torch.compile(model) if args.compile else model
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
+    def steps():
+        for _ in range(args.iters):
+            with torch.autocast(**amp):
+                loss = diffusion.loss(fwd, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(model)
+
+    seconds = timed(steps, device, args.repeats) / args.iters
+    return {"preset": preset, "size": size, "batch": batch, "params_M": round(ddpm.count_params(model) / 1e6, 2),
+            "images_per_s": round(batch / seconds, 1), "ms_per_step": round(seconds * 1e3, 1)}
+
+
+def bench_sampling(args, device):
+    model = build("tiny", args, device).eval()
+    for p in model.parameters():  # non-zero output layer, as a trained model (the cost is the same)
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, 0, 0.02)
+    fwd = torch.compile(model) if args.compile else model
+    batch, size = args.sample_batch, model.config["image_size"]
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.full((batch,), 500, device=device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000)).to(device)
+    short = ddpm.Diffusion(ddpm.make_betas("linear", args.ddpm_steps)).to(device)
+
+    with torch.inference_mode(), torch.autocast(**amp):
+        call = timed(lambda: fwd(x, t), device, args.repeats * 5)
+        ddim = {k: timed(lambda: diffusion.ddim_sample(fwd, x_T=x, steps=k), device, args.repeats) for k in (20, 50)}
+        ddpm_loop = timed(lambda: short.ddpm_sample(fwd, x_T=x), device, args.repeats) / args.ddpm_steps
+    per_image = lambda s: round(s / batch, 4)
+    return {
+        "preset": "tiny", "size": size, "batch": batch,
+        "ms_per_step_per_image": round(call / batch * 1e3, 3),
+        "ddim_overhead_pct": {k: round(100 * (v - k * call) / v, 2) for k, v in ddim.items()},
+        "s_per_image": {"ddim_20": per_image(ddim[20]), "ddim_50": per_image(ddim[50]),
+                        "ddpm_300": per_image(ddpm_loop * 300), "ddpm_1000": per_image(ddpm_loop * 1000)},
+        "note": f"DDPM: the measured per-step cost of ddpm_sample over T={args.ddpm_steps}, times T",
+    }
+
+
+def bench_fid(args, device):
+    model = fid.FIDInceptionV3().eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (args.fid_batch, 3, 32, 32), dtype=torch.uint8)
+    seconds = timed(lambda: fid.get_activations([images], model), device, args.repeats)
+    return {"batch": args.fid_batch, "input": "32x32 uint8, resized to 299 inside",
+            "images_per_s": round(args.fid_batch / seconds, 1)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=("bf16",), help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.repeats = 2 if args.quick else 3
+    args.iters = 2 if args.quick else 3
+    args.sample_batch = 64
+    args.ddpm_steps = 20 if args.quick else 50
+    args.fid_batch = (200 if gpu else 8) if args.quick else (500 if gpu else 16)
+    torch.manual_seed(0)
+
+    results = {"machine": machine(device), "options": {"amp": args.amp, "channels_last": args.channels_last,
+                                                       "compile": args.compile, "quick": args.quick}}
+    print(" | ".join(f"{k} {v}" for k, v in results["machine"].items()))
+    results["train"] = [bench_train("tiny", 256 if gpu else 64, args, device),
+                        bench_train("faces64", 128 if gpu else (8 if args.quick else 16), args, device)]
+    for r in results["train"]:
+        print(f"train  {r['preset']:8s} {r['size']}x{r['size']} batch {r['batch']:3d} ({r['params_M']} M): "
+              f"{r['images_per_s']:8.1f} img/s  ({r['ms_per_step']} ms/step)")
+    s = results["sampling"] = bench_sampling(args, device)
+    print(f"sample tiny 32x32 batch {s['batch']}: {s['ms_per_step_per_image']} ms per step per image; DDIM overhead "
+          + ", ".join(f"{k} steps {v}%" for k, v in s["ddim_overhead_pct"].items()))
+    print("       s/image: " + ", ".join(f"{k} {v}" for k, v in s["s_per_image"].items()) + f"  ({s['note']})")
+    f = results["fid"] = bench_fid(args, device)
+    print(f"fid    Inception features, batch {f['batch']}: {f['images_per_s']} img/s")
+    results["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    print(f"peak memory: {results['peak_memory_mb']} MiB ({'CUDA max allocated' if gpu else 'process RSS'})")
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
