@@ -119,9 +119,10 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        # (B, HW, 3C): a free view when x is channels_last, one copy otherwise
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, 1, H * W, 3 * C)
+        h = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # (B, 1, HW, C), one head
+        return x + self.proj(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
 
 
 class Downsample(nn.Module):

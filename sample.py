@@ -86,6 +86,7 @@ def parse_args(argv=None):
     a("--out", metavar="FOLDER", help="also write one PNG per sample here")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--channels-last", action="store_true", help="channels_last memory format (faster for some models)")
     a("--trajectory", metavar="PNG", help="also draw x_T -> x_0 for up to 8 samples, 10 columns")
     a("--forward", metavar="IMAGE", help="draw the forward process of IMAGE at 10 evenly spaced t")
     a("--interpolate", action="store_true", help="slerp between two noises in --n frames (DDIM)")
@@ -100,6 +101,8 @@ def run(args):
     device = torch.device(args.device)
     ckpt, model, ema, diffusion = train.load_checkpoint(args.run, device)
     net = (model if args.no_ema else ema.model).eval()
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]["model"]
     c, s = cfg["in_channels"], cfg["image_size"]
     print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "

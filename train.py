@@ -216,7 +216,7 @@ def parse_args(argv=None):
     a("--data", help="image folder (searched recursively); none: the built-in demo shapes")
     a("--out", default="runs/ddpm", help="run folder")
     a("--resume", metavar="RUN", help="continue the run in this folder (its config wins)")
-    a("--image-size", type=int, default=None, help="default: the preset's (32 tiny/cifar10, 64 faces64)")
+    a("--image-size", type=int, default=None, help="None: the preset's (32 tiny/cifar10, 64 faces64)")
     a("--channels", type=int, default=3, choices=(1, 3), help="1 for grayscale")
     a("--no-flip", action="store_true", help="no random horizontal flips")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
@@ -234,15 +234,16 @@ def parse_args(argv=None):
     a("--act", choices=("silu", "relu"), default="silu")
     a("--norm", choices=("group", "batch"), default="group")
     a("--batch-size", type=int, default=64)
-    a("--lr", type=float, help="peak learning rate (default: 1e-3 for tiny, 2e-4 as Ho et al. for larger presets)")
+    a("--lr", type=float, help="peak learning rate; None: 1e-3 for tiny, 2e-4 (Ho et al.) for larger presets")
     a("--warmup", type=int, default=200, help="linear warm-up steps")
     a("--decay", default="cosine", choices=("cosine", "none"), help="learning-rate decay to 10%% after warm-up")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     a("--ema-decay", type=float, default=0.999)
-    a("--steps", type=int, help="optimizer steps (default: 1500 on the demo set, else from --epochs)")
+    a("--steps", type=int, help="optimizer steps; None: 1500 on the demo set, else --epochs worth")
     a("--epochs", type=int, default=100)
     a("--amp", choices=("bf16", "fp16"), help="autocast on CUDA")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--channels-last", action="store_true", help="channels_last memory format (see README: faster on some models)")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--sample-every", type=int, default=500, help="steps between sample grids (0: off)")
@@ -351,6 +352,8 @@ def train(args):
         print("note: --amp applies on CUDA only; training in float32", file=sys.stderr)
     amp_dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(enabled=bool(use_amp and cfg["amp"] == "fp16"))
+    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    model.to(memory_format=memory_format)
     fwd = torch.compile(model) if cfg["compile"] else model
 
     # -- the run folder ----------------------------------------------------------------------
@@ -415,7 +418,7 @@ def train(args):
         model.train()
         while step < total and not stop:
             idx, epoch = batch_indices(len(data), cfg["batch_size"], step, cfg["seed"])
-            x0 = data[idx].float().div_(127.5).sub_(1)
+            x0 = data[idx].float().div_(127.5).sub_(1).contiguous(memory_format=memory_format)
             if not cfg["no_flip"]:
                 flip = torch.rand(x0.shape[0], 1, 1, 1, device=device) < 0.5
                 x0 = torch.where(flip, x0.flip(3), x0)
