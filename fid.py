@@ -235,24 +235,21 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-class _Files(torch.utils.data.Dataset):
-    def __init__(self, files):
-        self.files = files
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, files, decode):
+        self.files, self.decode = files, decode
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        return read_image(self.files[i])
+        return self.decode(self.files[i])
 
 
-def folder_batches(folder, batch_size=50, num_workers=0, skipped=None):
-    """Yield lists of uint8 [3, H, W] tensors from an image folder, decoded by num_workers
-    processes. Unreadable files are left out and counted in skipped[0]."""
-    files = list_images(folder)
-    if not files:
-        raise FIDError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    loader = torch.utils.data.DataLoader(_Files(files), batch_size=batch_size, num_workers=num_workers,
+def decode_files(files, decode=read_image, batch_size=50, num_workers=0, skipped=None):
+    """Yield lists of decode(file), decoded by num_workers processes. decode returns None for a
+    file it cannot read; those are left out and counted in skipped[0]."""
+    loader = torch.utils.data.DataLoader(_Decoded(files, decode), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=list)
     for batch in loader:
         good = [im for im in batch if im is not None]
@@ -260,6 +257,14 @@ def folder_batches(folder, batch_size=50, num_workers=0, skipped=None):
             skipped[0] += len(batch) - len(good)
         if good:
             yield good
+
+
+def folder_batches(folder, batch_size=50, num_workers=0, skipped=None):
+    """Yield lists of uint8 [3, H, W] tensors from an image folder (see decode_files)."""
+    files = list_images(folder)
+    if not files:
+        raise FIDError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    yield from decode_files(files, read_image, batch_size, num_workers, skipped)
 
 
 def tensor_batches(x, batch_size=50):

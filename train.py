@@ -12,6 +12,7 @@ it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model 
 """
 import argparse
 import csv
+import functools
 import gzip
 import json
 import math
@@ -38,25 +39,19 @@ class UserError(Exception):
 # data
 
 
-class _FittedImages(torch.utils.data.Dataset):
-    def __init__(self, files, size, mode):
-        self.files, self.size, self.mode = files, size, mode
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                return fit_image(im, self.size, self.mode)
-        except Exception:
-            return None
-
-
 def fit_image(im, size, mode):
     """PIL image -> uint8 array [C, size, size]: short side resized (bicubic), centre crop."""
     a = np.asarray(ImageOps.fit(im.convert(mode), (size, size), Image.BICUBIC))
     return a.reshape(size, size, -1).transpose(2, 0, 1)
+
+
+def fit_file(path, size, mode):
+    """An image file through fit_image, or None when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return fit_image(im, size, mode)
+    except Exception:
+        return None
 
 
 def read_idx_images(path):
@@ -82,14 +77,11 @@ def load_folder(folder, size, channels, workers=0):
     if need > 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
         raise UserError(f"{folder}: {len(files) + len(arrays)} images at {size}x{size} need {need / 2**30:.1f} GiB, "
                         "over half this machine's memory; use a smaller --image-size or a subset")
-    loader = torch.utils.data.DataLoader(_FittedImages(files, size, mode), batch_size=64, num_workers=workers,
-                                         collate_fn=list)
-    bad = 0
-    for batch in loader:
-        arrays += [a for a in batch if a is not None]
-        bad += sum(a is None for a in batch)
-    if bad:
-        print(f"{folder}: {bad} unreadable image file{'s' * (bad > 1)} skipped", file=sys.stderr)
+    skipped = [0]
+    for batch in fid.decode_files(files, functools.partial(fit_file, size=size, mode=mode), 64, workers, skipped):
+        arrays += batch
+    if skipped[0]:
+        print(f"{folder}: {skipped[0]} unreadable image file{'s' * (skipped[0] > 1)} skipped", file=sys.stderr)
     if not arrays:
         raise UserError(f"--data {folder}: no images ({', '.join(sorted(TRAIN_EXTENSIONS))} or IDX)")
     return torch.from_numpy(np.stack(arrays))
