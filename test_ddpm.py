@@ -612,6 +612,22 @@ def test_folder_loading_fits_every_format_and_skips_the_corrupt_file(tmp_path, c
     assert (train.fit_image(im, 8, "RGB")[:, :, 0] == np.array([[255], [0], [0]])).all()
 
 
+def test_a_folder_too_large_for_memory_is_streamed_with_the_same_batches(tmp_path, monkeypatch, capsys):
+    data = mixed_folder(tmp_path / "data")
+    in_memory = train.load_folder(data, 16, 3)
+    monkeypatch.setattr(train, "memory_budget", lambda: 0)
+    streamed = train.load_folder(data, 16, 3, workers=2)
+    assert isinstance(streamed, train.StreamedImages) and len(streamed) == len(in_memory) == 8
+    assert "decoding each batch from disk" in capsys.readouterr().err
+    idx = torch.tensor([7, 0, 3, 3])
+    assert torch.equal(streamed[idx], in_memory[idx])
+    args = ["--data", str(data), "--steps", "5", "--sample-every", "0", "--log-every", "1", *TINY]
+    assert train.main(["--out", str(tmp_path / "streamed"), *args]) == 0
+    monkeypatch.setattr(train, "memory_budget", lambda: 1e12)
+    assert train.main(["--out", str(tmp_path / "memory"), *args]) == 0
+    assert [r["loss"] for r in read_log(tmp_path / "streamed")] == [r["loss"] for r in read_log(tmp_path / "memory")]
+
+
 def test_idx_files_are_read_exactly(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     header = bytes([0, 0, 8, 3]) + np.array([5, 28, 28], ">i4").tobytes()

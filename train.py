@@ -11,6 +11,7 @@ as uint8. The run folder (--out) gets config.json, ckpt.pt (written atomically; 
 it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model with DDIM.
 """
 import argparse
+import concurrent.futures
 import csv
 import functools
 import gzip
@@ -63,8 +64,44 @@ def read_idx_images(path):
     return np.frombuffer(raw, np.uint8, n * h * w, offset=16).reshape(n, h, w)
 
 
+def _readable(path):
+    """path when its image header can be read, else None (a cheap check before streaming)."""
+    try:
+        with Image.open(path):
+            return path
+    except Exception:
+        return None
+
+
+def memory_budget():
+    """Bytes of decoded images to keep in memory: half of this machine's RAM."""
+    return 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class StreamedImages:
+    """A folder too large for memory, indexed like the uint8 tensor load_folder returns; each
+    batch is decoded on demand by a pool of threads (Pillow decodes and resizes without the GIL)."""
+
+    def __init__(self, files, size, channels, workers):
+        self.files = files
+        self.decode = functools.partial(fit_file, size=size, mode="L" if channels == 1 else "RGB")
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        paths = [self.files[i] for i in idx.tolist()]
+        arrays = list(self.pool.map(self.decode, paths))
+        for path, a in zip(paths, arrays):
+            if a is None:
+                raise UserError(f"{path}: could not be decoded during training")
+        return torch.from_numpy(np.stack(arrays))
+
+
 def load_folder(folder, size, channels, workers=0):
-    """Every image under folder as one uint8 tensor [N, C, size, size] (decoded in parallel)."""
+    """Every image under folder as one uint8 tensor [N, C, size, size] (decoded in parallel), or
+    as StreamedImages when that tensor would not fit in memory_budget()."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--data {folder}: no such folder")
@@ -74,17 +111,22 @@ def load_folder(folder, size, channels, workers=0):
     idx = [p for p in paths if p.name.endswith(("idx3-ubyte", "idx3-ubyte.gz"))]
     arrays = [fit_image(Image.fromarray(a), size, mode) for p in idx for a in read_idx_images(p)]
     need = (len(files) + len(arrays)) * channels * size * size
-    if need > 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
-        raise UserError(f"{folder}: {len(files) + len(arrays)} images at {size}x{size} need {need / 2**30:.1f} GiB, "
-                        "over half this machine's memory; use a smaller --image-size or a subset")
+    stream = need > memory_budget()
+    if stream and arrays:
+        raise UserError(f"{folder}: too large to hold in memory ({need / 2**30:.1f} GiB) and it mixes IDX files "
+                        "with image files; give them separate folders")
     skipped = [0]
-    for batch in fid.decode_files(files, functools.partial(fit_file, size=size, mode=mode), 64, workers, skipped):
-        arrays += batch
+    decode = _readable if stream else functools.partial(fit_file, size=size, mode=mode)
+    found = [x for batch in fid.decode_files(files, decode, 64, workers, skipped) for x in batch]
     if skipped[0]:
         print(f"{folder}: {skipped[0]} unreadable image file{'s' * (skipped[0] > 1)} skipped", file=sys.stderr)
-    if not arrays:
+    if not found and not arrays:
         raise UserError(f"--data {folder}: no images ({', '.join(sorted(TRAIN_EXTENSIONS))} or IDX)")
-    return torch.from_numpy(np.stack(arrays))
+    if stream:
+        print(f"{folder}: {len(found)} images at {size}x{size} would need {need / 2**30:.1f} GiB; decoding each "
+              f"batch from disk instead", file=sys.stderr)
+        return StreamedImages(found, size, channels, workers)
+    return torch.from_numpy(np.stack(arrays + found))
 
 
 def demo_shapes(n=2048, size=32, channels=3, seed=0):
@@ -309,7 +351,8 @@ def train(args):
         data = load_folder(cfg["data"], size, channels, cfg["workers"])
     else:
         data = demo_shapes(size=size, channels=channels, seed=cfg["seed"])
-    data = data.to(device)
+    if isinstance(data, torch.Tensor):
+        data = data.to(device)
     per_epoch = max(len(data) // cfg["batch_size"], 1)
     if not cfg["steps"]:
         cfg["steps"] = 1500 if not cfg["data"] else cfg["epochs"] * per_epoch
@@ -385,7 +428,7 @@ def train(args):
             if fid_state["model"] is None:
                 fid_state["model"] = fid.load_inception(device=device)
                 pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))
-                ref = data[pick[:max(cfg["fid_samples"], 2)].to(device)]  # a random subset, not the first files
+                ref = data[pick[:max(cfg["fid_samples"], 2)]].to(device)  # a random subset, not the first files
                 fid_state["ref"] = fid.activation_statistics(fid.get_activations(ref.split(50), fid_state["model"])[0])
         except fid.FIDError as e:
             print(f"\nnote: FID skipped for this run: {e}", file=sys.stderr)
@@ -410,7 +453,7 @@ def train(args):
         model.train()
         while step < total and not stop:
             idx, epoch = batch_indices(len(data), cfg["batch_size"], step, cfg["seed"])
-            x0 = data[idx].float().div_(127.5).sub_(1).contiguous(memory_format=memory_format)
+            x0 = data[idx].to(device).float().div_(127.5).sub_(1).contiguous(memory_format=memory_format)
             if not cfg["no_flip"]:
                 flip = torch.rand(x0.shape[0], 1, 1, 1, device=device) < 0.5
                 x0 = torch.where(flip, x0.flip(3), x0)
