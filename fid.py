@@ -412,6 +412,8 @@ def main(argv=None):
         p.error("give two paths, or --save-stats FOLDER OUT_NPZ, or --isc FOLDER")
     inputs = [args.isc] if args.isc else [args.save_stats[0]] if args.save_stats else args.path
     try:
+        if args.isc and args.isc.endswith(".npz"):
+            raise FIDError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
         stats = [check_input(x, args.splits if args.isc else 2) for x in inputs]
         model = None if all(s is not None for s in stats) else load_inception(args.weights, args.device)
         acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers)

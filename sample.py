@@ -34,11 +34,9 @@ def slerp(a, b, w):
 
 def load_image(path, size, channels):
     """An image file fitted like the training data, as [1, C, size, size] in [-1, 1]."""
-    try:
-        with Image.open(path) as im:
-            a = train.fit_image(im, size, "L" if channels == 1 else "RGB")
-    except Exception as e:
-        raise train.UserError(f"{path}: cannot read image ({e})") from None
+    a = train.fit_file(path, size, "L" if channels == 1 else "RGB")
+    if a is None:
+        raise train.UserError(f"{path}: cannot read this image")
     return torch.from_numpy(a.copy())[None].float() / 127.5 - 1
 
 

@@ -499,6 +499,7 @@ def test_npz_round_trip_and_bad_stats(tmp_path):
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(fid.FIDError, match="no 'mu' and 'sigma'"):
         fid.load_stats(tmp_path / "bad.npz")
+    assert fid.main(["--isc", str(tmp_path / "s.npz")]) == 1  # an .npz has no logits: one line, no traceback
 
 
 def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, capsys):
