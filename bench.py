@@ -3,6 +3,7 @@
     python bench.py                 # a few minutes on 2 CPU cores; writes bench.json
     python bench.py --quick         # about a minute
     python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants
+    python bench.py --solvers runs/mnist    # DDIM vs DPM-Solver++: error against the ODE, s/image
 
 Measures training images/s (forward, backward, AdamW and EMA) for the tiny preset at 32x32 and
 faces64 at 64x64; sampling cost per denoising step and image, seconds per image for DDPM
@@ -21,6 +22,7 @@ import torch
 
 import ddpm
 import fid
+import train
 
 
 def machine(device):
@@ -132,6 +134,59 @@ def bench_fid(args, device):
             "images_per_s": round(args.fid_batch / seconds, 1)}
 
 
+def gaussian_eps(diffusion, mu=0.3, sd=0.5):
+    """The exact eps-predictor for data x0 ~ N(mu, sd^2 I) (the tests' oracle)."""
+    def model(x, t):
+        a = ddpm.extract(diffusion.alphas_cumprod, t, x.shape)
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * sd ** 2 + 1 - a)
+    return model
+
+
+def solver_errors(diffusion, model, x_T, nfes, spacings):
+    """RMSE per pixel against DDIM with all T steps from the same x_T (the ODE's reference solution),
+    for DDIM and DPM-Solver++(2M, 3M) at each number of model calls and spacing; clip_x0 off."""
+    ref = diffusion.ddim_sample(model, x_T=x_T, steps=diffusion.T, clip_x0=False)
+    rows = []
+    for spacing in spacings:
+        for name, run in (("ddim", lambda k: diffusion.ddim_sample(model, x_T=x_T, steps=k, clip_x0=False, spacing=spacing)),
+                          ("dpm++2M", lambda k: diffusion.dpm_solver_sample(model, x_T=x_T, steps=k, order=2,
+                                                                            clip_x0=False, spacing=spacing)),
+                          ("dpm++3M", lambda k: diffusion.dpm_solver_sample(model, x_T=x_T, steps=k, order=3,
+                                                                            clip_x0=False, spacing=spacing))):
+            rows.append({"sampler": name, "spacing": spacing,
+                         **{str(k): round((run(k) - ref).pow(2).mean().sqrt().item(), 4) for k in nfes}})
+    return rows
+
+
+def bench_solvers(args, device):
+    """Issue 9's table: the exact Gaussian predictor (linear and cosine, T = 1000) and a trained run."""
+    nfes, g = (5, 10, 20, 30, 50), torch.Generator(device).manual_seed(0)
+    out = {}
+    for schedule in ("linear", "cosine"):
+        d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000)).to(device)
+        x_T = torch.randn(4096, 1, 4, 4, generator=g, device=device)
+        out[f"gaussian_{schedule}"] = solver_errors(d, gaussian_eps(d), x_T, nfes, ddpm.SPACINGS)
+    ckpt, _, ema, d = train.load_checkpoint(args.solvers, device)
+    c, s = ckpt["config"]["model"]["in_channels"], ckpt["config"]["model"]["image_size"]
+    x_T = torch.randn(args.solver_n, c, s, s, generator=g, device=device)
+    net = ema.model.eval()
+    out["trained"] = solver_errors(d, net, x_T, nfes, ddpm.SPACINGS)
+    batch = x_T[:args.sample_batch]
+    with torch.inference_mode():
+        out["s_per_image"] = {f"{name}_{k}": round(timed(lambda: fn(k), device, args.repeats) / batch.shape[0], 4)
+                              for name, fn in (("ddim", lambda k: d.ddim_sample(net, x_T=batch, steps=k)),
+                                               ("dpm++2M", lambda k: d.dpm_solver_sample(net, x_T=batch, steps=k)))
+                              for k in (10, 20, 50)}
+    for name, rows in out.items():
+        if name == "s_per_image":
+            print("s/image (batch %d): " % batch.shape[0] + ", ".join(f"{k} {v}" for k, v in rows.items()))
+            continue
+        print(f"{name}: RMSE per pixel against DDIM-{d.T if name == 'trained' else 1000} at NFE " + " / ".join(map(str, nfes)))
+        for r in rows:
+            print(f"  {r['sampler']:8s} {r['spacing']:9s} " + "  ".join(f"{r[str(k)]:.4f}" for k in nfes))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -141,6 +196,8 @@ def main():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--solvers", metavar="RUN", help="only the sampler accuracy table, on this trained run")
+    p.add_argument("--solver-n", type=int, default=64, help="--solvers: samples from the trained run")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -150,6 +207,12 @@ def main():
     args.ddpm_steps = 20 if args.quick else 50
     args.fid_batch = (200 if gpu else 8) if args.quick else (500 if gpu else 16)
     torch.manual_seed(0)
+    if args.solvers:
+        results = {"machine": machine(device), "solvers": bench_solvers(args, device)}
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"wrote {args.out}")
+        return
 
     results = {"machine": machine(device), "options": {"amp": args.amp, "channels_last": args.channels_last,
                                                        "compile": args.compile, "quick": args.quick}}

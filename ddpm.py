@@ -1,17 +1,22 @@
-"""ddpm.py: Denoising Diffusion Probabilistic Models and DDIM in one file.
+"""ddpm.py: diffusion models in one file: DDPM, DDIM, DPM-Solver++ and the score-SDE view.
 
 Implements Ho, Jain & Abbeel 2020 ("Denoising Diffusion Probabilistic Models", DDPM), the cosine
-schedule of Nichol & Dhariwal 2021, and Song, Meng & Ermon 2020 ("Denoising Diffusion Implicit
-Models", DDIM) with DDIM inversion. Depends on torch alone, so the file can be copied anywhere:
+schedule of Nichol & Dhariwal 2021, Song, Meng & Ermon 2020 ("Denoising Diffusion Implicit
+Models", DDIM) with DDIM inversion, Lu et al. 2022 (DPM-Solver++), and Song et al. 2021
+("Score-Based Generative Modeling through SDEs"): the VE SDE, and for both it and DDPM read as
+the VP SDE, Euler-Maruyama, predictor-corrector and probability-flow ODE samplers and exact
+likelihoods. Depends on torch alone, so the file can be copied anywhere:
 
     import torch, ddpm
     model = ddpm.UNet(**ddpm.PRESETS["tiny"]).eval()      # any model(x_t, t) -> eps works
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
     loss = diffusion.loss(model, x0)                      # x0 in [-1, 1], shape [B, C, H, W]
-    x = diffusion.ddim_sample(model, (16, 3, 32, 32), steps=50)
+    x = diffusion.dpm_solver_sample(model, (16, 3, 32, 32), steps=20)
+    x, nfe = diffusion.ode_sample(model, (16, 3, 32, 32))  # the same model as an SDE
 
 Timesteps are integers t = 0 .. T-1 throughout; code index t is the paper's step t + 1, so
-alphas_cumprod[0] is the paper's alpha-bar_1 and alphas_cumprod[T-1] is alpha-bar_T.
+alphas_cumprod[0] is the paper's alpha-bar_1 and alphas_cumprod[T-1] is alpha-bar_T. The SDE
+samplers call a DDPM model at fractional t in [0, T-1], and a VESDE model at t in (0, 1].
 """
 import copy
 import math
@@ -27,6 +32,11 @@ import torch.nn.functional as F
 def extract(a, t, x_shape):
     """Gather a[t] for a batch of timesteps t [B] and shape it [B, 1, 1, ...] to broadcast on x."""
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def _on(device, *coefs):
+    """Sampler coefficients computed in float64 on the CPU -> float32 on `device`, once per call."""
+    return [c.float().to(device) for c in coefs]
 
 
 def _check_t(t, x):
@@ -168,7 +178,8 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, activation="silu", norm="group", image_size=32):
+                 attn_resolutions=(16,), dropout=0.1, activation="silu", norm="group", image_size=32,
+                 time_scale=1.0):
         super().__init__()
         if activation not in ("silu", "relu"):
             raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
@@ -181,7 +192,7 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout,
-                           activation=activation, norm=norm, image_size=image_size)
+                           activation=activation, norm=norm, image_size=image_size, time_scale=time_scale)
         ch, temb_dim = base_channels, 4 * base_channels
         block = dict(temb_dim=temb_dim, dropout=dropout, act=activation, norm=norm)
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(activation), nn.Linear(temb_dim, temb_dim))
@@ -214,8 +225,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t):
-        """x: [B, C, H, W], t: [B] integer timesteps -> predicted noise [B, C, H, W]."""
-        temb = self.temb(timestep_embedding(t, self.config["base_channels"]))
+        """x: [B, C, H, W], t: [B] timesteps (integers, or floats for the SDE samplers) -> noise [B, C, H, W].
+
+        time_scale multiplies t first. A VE model's t in (0, 1] is scaled by 1000 so that its embedding
+        spans the same frequencies as DDPM's 0..999; sigma_t grows monotonically with t (log sigma_t
+        tends to t ln sigma), so this conditions on the noise level much as NCSN++'s log-sigma does.
+        """
+        scale = self.config["time_scale"]
+        temb = self.temb(timestep_embedding(t if scale == 1 else t * scale, self.config["base_channels"]))
         hs = [self.conv_in(x)]
         for m in self.down:
             hs.append(m(hs[-1], temb))
@@ -265,12 +282,183 @@ class EMA:
         self.model.load_state_dict(state["model"])
 
 # ----------------------------------------------------------------------------------------------
-# the diffusion process: forward process, loss and samplers
+# score SDEs (Song et al. 2021): the samplers and the likelihood, written once for every process
 
 LOSSES = ("l2", "l1", "huber")
+SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 
 
-class Diffusion(nn.Module):
+def eps_distance(eps, noise, loss_type):
+    """The training distance between predicted and true noise, averaged: "l2", "l1" or "huber"."""
+    if loss_type == "l2":
+        return F.mse_loss(eps, noise)
+    if loss_type == "l1":
+        return F.l1_loss(eps, noise)
+    if loss_type == "huber":
+        return F.smooth_l1_loss(eps, noise)
+    raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
+
+
+# Dormand & Prince (1980) 5(4): nodes, stages, 5th-order weights and the 5th - 4th order difference.
+DOPRI_C = (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1)
+DOPRI_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+           (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DOPRI_E = (71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+def _rms(x):
+    return x.pow(2).mean().sqrt().item()  # a host sync: used once per solver step, for step-size control
+
+
+def odeint(f, y, t0, t1, rtol=1e-5, atol=1e-5, progress=None):
+    """Integrate dy/dt = f(t, y) from t0 to t1 (either direction) with the adaptive Dormand-Prince
+    5(4) pair, the state on its own device; t is passed to f as a Python float. The error is the RMS
+    over the whole state of err / (atol + rtol |y|), as scipy's RK45. Returns (y(t1), calls of f)."""
+    sign, span = (1.0 if t1 > t0 else -1.0), abs(t1 - t0)
+    k1, nfe = f(t0, y), 1
+    scale = atol + rtol * y.abs()
+    d0, d1 = _rms(y / scale), _rms(k1 / scale)  # the initial step of Hairer, Norsett & Wanner II.4
+    h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = _rms((f(t0 + sign * h, y + sign * h * k1) - k1) / scale) / h
+    nfe += 1
+    h = min(100 * h, (0.01 / max(d1, d2)) ** 0.2 if max(d1, d2) > 1e-15 else max(1e-6, h * 1e-3), span)
+    done = 0.0
+    while done < span:
+        h = min(h, span - done)
+        t, ks = t0 + sign * done, [k1]
+        for c, a in zip(DOPRI_C[1:], DOPRI_A[1:]):
+            y_new = y + sign * h * sum(w * k for w, k in zip(a, ks) if w)
+            ks.append(f(t + sign * c * h, y_new))
+        nfe += 6  # y_new is the 5th-order solution; ks[6] = f(t + h, y_new) is the next step's k1
+        err = sign * h * sum(w * k for w, k in zip(DOPRI_E, ks) if w)
+        ratio = _rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+        if not math.isfinite(ratio):
+            raise ValueError(f"the ODE state is no longer finite at t = {t:.4g}")
+        if ratio <= 1:
+            done = span if span - done <= h else done + h
+            y, k1 = y_new, ks[6]
+            if progress:
+                progress(round(100 * done / span), 100)
+        h *= min(10.0, max(0.2, 0.9 * ratio ** -0.2)) if ratio > 0 else 10.0
+    return y, nfe
+
+
+class ScoreSDE(nn.Module):
+    """A diffusion read as the SDE dx = f(t) x dt + g(t) dw (Song et al. 2021) whose marginals are
+    x_t = alpha_t x_0 + sigma_t z, driven by an eps-model: the score is -eps_hat / sigma_t.
+
+    A process answers marginal(t) -> (alpha_t, sigma_t), sde(t) -> (f(t), g(t)^2), t_start (the
+    noise end), t_end (the data end) and prior_std; t is in the model's own time units, and
+    model(x, t) is called with t a float tensor [B]. Euler-Maruyama, predictor-corrector, the
+    probability-flow ODE and the likelihood below are written once against those answers.
+    """
+    prior_std = 1.0
+
+    def langevin_alpha(self, t):
+        """Song et al.'s alpha_i in the corrector's step size (Algorithm 5); 1 unless a process says."""
+        return torch.ones_like(t)
+
+    def _start(self, shape, x_T, generator):
+        device = next(self.buffers()).device
+        if x_T is not None:
+            return x_T.to(device, torch.float32)
+        if shape is None:
+            raise ValueError("give shape or x_T")
+        return self.prior_std * torch.randn(tuple(shape), generator=generator, device=device)
+
+    def _eps(self, model, x, t):
+        return model(x, t.expand(x.shape[0]))
+
+    def ode_drift(self, model, t, x):
+        """The probability-flow ODE, dx/dt = f(t) x - g(t)^2 score / 2 = f(t) x + g(t)^2 eps_hat / (2 sigma_t)."""
+        t = torch.full((), t, device=x.device)
+        (_, sigma), (f, g2) = self.marginal(t), self.sde(t)
+        return f * x + 0.5 * g2 / sigma * self._eps(model, x, t)
+
+    def _denoise(self, model, x, t):
+        """Tweedie's E[x_0 | x_t] = (x_t - sigma_t eps_hat) / alpha_t: every sampler's last step."""
+        alpha, sigma = self.marginal(t)
+        return (x - sigma * self._eps(model, x, t)) / alpha
+
+    @torch.inference_mode()
+    def sde_sample(self, model, shape=None, x_T=None, steps=500, corrector_steps=0, snr=0.16, generator=None,
+                   return_trajectory=False, progress=None):
+        """Euler-Maruyama on the reverse SDE dx = [f x - g^2 score] dt + g dw (Song et al. eq. 6) over
+        `steps` evenly spaced times from t_start to t_end; each step's model call at t_i is followed
+        by x <- x - (f x - g^2 score) dt + g sqrt(dt) z, and the last call returns the mean E[x_0 | x]
+        without noise. corrector_steps >= 1 runs that many Langevin steps before each predictor step
+        (PC, Algorithms 4-5), of size 2 alpha_i (snr |z| / |score|)^2 with the norms averaged over the
+        batch. Returns as ddpm_sample.
+        """
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2, got {steps}")
+        x = self._start(shape, x_T, generator)
+        ts = torch.linspace(self.t_start, self.t_end, steps, device=x.device)
+        dt = abs(self.t_start - self.t_end) / (steps - 1)
+        (alpha, sigma), (f, g2), lang = self.marginal(ts), self.sde(ts), self.langevin_alpha(ts)
+        noise = lambda: torch.randn(x.shape, generator=generator, device=x.device)
+        trajectory = [x]
+        for i in range(steps):
+            for _ in range(corrector_steps):
+                score, z = -self._eps(model, x, ts[i]) / sigma[i], noise()
+                norm = lambda v: v.flatten(1).norm(dim=1).mean()  # batch means, as Song et al.'s code:
+                step = 2 * lang[i] * (snr * norm(z) / norm(score)) ** 2  # per-sample ratios are noisy at small D
+                x = x + step * score + (2 * step).sqrt() * z
+            eps = self._eps(model, x, ts[i])
+            if i == steps - 1:  # the last step returns the mean: no noise
+                x = (x - sigma[i] * eps) / alpha[i]
+            else:
+                x = x - (f[i] * x + g2[i] / sigma[i] * eps) * dt + (g2[i] * dt).sqrt() * noise()
+            if return_trajectory:
+                trajectory.append(x)
+            if progress:
+                progress(i + 1, steps)
+        return (x, trajectory) if return_trajectory else x
+
+    @torch.inference_mode()
+    def ode_sample(self, model, shape=None, x_T=None, rtol=1e-5, atol=1e-5, generator=None, progress=None):
+        """Samples by the probability-flow ODE (Song et al. eq. 13) from t_start to t_end with odeint's
+        Dormand-Prince 5(4), then E[x_0 | x_{t_end}]. Deterministic given x_T. Returns (x_0, model calls)."""
+        x = self._start(shape, x_T, generator)
+        x, nfe = odeint(lambda t, y: self.ode_drift(model, t, y), x, self.t_start, self.t_end, rtol, atol, progress)
+        return self._denoise(model, x, torch.full((), self.t_end, device=x.device)), nfe + 1
+
+    def bits_per_dim(self, model, x0, rtol=1e-5, atol=1e-5, hutchinson=1, generator=None):
+        """-log p(x0) / (D ln 2) for the probability-flow ODE's density at t_end, at x0 as given
+        (Song et al. appendix D.2): log p(x0) = log N(x(t_start); 0, prior_std^2 I) + the integral from
+        t_end to t_start of div f~(x(t), t), integrated with the state. The divergence is exact
+        (D backward passes) when hutchinson = 0, else the Skilling-Hutchinson estimate with that many
+        Gaussian probes, fixed along the path. Returns a tensor [B]."""
+        x0 = x0.to(next(self.buffers()).device, torch.float32)
+        B, D = x0.shape[0], x0[0].numel()
+        probes = torch.randn((hutchinson, *x0.shape), generator=generator, device=x0.device)
+
+        def augmented(t, state):  # d/dt [x, integral of div] = [f~(x, t), div f~(x, t)]
+            with torch.enable_grad():
+                x = state[:, :D].reshape(x0.shape).detach().requires_grad_(True)
+                dx = self.ode_drift(model, t, x)
+                if hutchinson:
+                    div = sum((torch.autograd.grad(dx, x, v, retain_graph=True)[0] * v).flatten(1).sum(1)
+                              for v in probes) / hutchinson
+                else:
+                    flat = dx.flatten(1)
+                    div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
+                              for i in range(D))
+            return torch.cat([dx.detach().flatten(1), div.detach()[:, None]], 1)
+
+        start = torch.cat([x0.flatten(1), x0.new_zeros(B, 1)], 1)
+        end, _ = odeint(augmented, start, self.t_end, self.t_start, rtol, atol)
+        z, integral = end[:, :D], end[:, D]
+        prior = -0.5 * D * math.log(2 * math.pi * self.prior_std ** 2) - z.pow(2).sum(1) / (2 * self.prior_std ** 2)
+        return -(prior + integral) / (D * math.log(2))
+
+# ----------------------------------------------------------------------------------------------
+# the DDPM process: forward process, loss and samplers
+
+
+class Diffusion(ScoreSDE):
     """Gaussian diffusion with a fixed beta schedule (Ho et al.), with DDPM and DDIM samplers.
 
     All coefficients are computed in float64 and stored as float32 buffers, so they follow
@@ -302,9 +490,12 @@ class Diffusion(nn.Module):
             posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+            log_alphas_cumprod=alphas_cumprod.log(),  # for the VP SDE at fractional timesteps
         )
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
+        # the float64 source of every derived schedule (DDIM, DPM-Solver, respacing); stays on the CPU
+        self.alphas_cumprod64 = alphas_cumprod
 
     @property
     def T(self):
@@ -343,64 +534,110 @@ class Diffusion(nn.Module):
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
-        eps = model(self.q_sample(x0, t, noise), t)
-        if loss_type == "l2":
-            return F.mse_loss(eps, noise)
-        if loss_type == "l1":
-            return F.l1_loss(eps, noise)
-        if loss_type == "huber":
-            return F.smooth_l1_loss(eps, noise)
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
+        return eps_distance(model(self.q_sample(x0, t, noise), t), noise, loss_type)
 
     # -- samplers -----------------------------------------------------------------------------
 
-    def _start(self, shape, x_T, generator):
-        if x_T is not None:
-            return x_T.to(self.betas.device, torch.float32)
-        if shape is None:
-            raise ValueError("give shape or x_T")
-        return torch.randn(tuple(shape), generator=generator, device=self.betas.device)
+    # -- the same process as the VP SDE (Song et al. eq. 11, appendix B), in timestep units --------
+
+    t_end = 0.0
+
+    @property
+    def t_start(self):
+        return float(self.T - 1)
+
+    def _log_alphas_cumprod_at(self, t):
+        """log a-bar at fractional timesteps t in [0, T-1], linear between the integers, and the
+        piecewise-constant beta(t) = -d log a-bar / dt it implies."""
+        i = t.float().floor().clamp(0, self.T - 2)
+        w, i = t - i, i.long()
+        lo, hi = self.log_alphas_cumprod[i], self.log_alphas_cumprod[i + 1]
+        return lo + w * (hi - lo), lo - hi
+
+    def marginal(self, t):
+        """alpha_t = sqrt(a-bar(t)) and sigma_t = sqrt(1 - a-bar(t)) at fractional timesteps."""
+        log_ab, _ = self._log_alphas_cumprod_at(t)
+        return (0.5 * log_ab).exp(), (-torch.expm1(log_ab)).sqrt()
+
+    def sde(self, t):
+        """dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw: f = -beta / 2 and g^2 = beta."""
+        _, beta = self._log_alphas_cumprod_at(t)
+        return -0.5 * beta, beta
+
+    def langevin_alpha(self, t):
+        return torch.exp(-self._log_alphas_cumprod_at(t)[1])  # 1 - beta_t on the integer grid
+
+    def respaced(self, timesteps):
+        """The process on the kept `timesteps` (ascending) alone, improved-diffusion's respacing:
+        a-bar'_i = a-bar_{timesteps[i]} and beta'_i = 1 - a-bar'_i / a-bar'_{i-1}, in float64. The
+        model is still called with the original timesteps."""
+        a = self.alphas_cumprod64[timesteps]
+        return Diffusion(1 - a / torch.cat([a.new_ones(1), a[:-1]])).to(self.betas.device)
 
     @torch.inference_mode()
     def ddpm_sample(self, model, shape=None, x_T=None, variance="beta", clip_x0=True, generator=None,
-                    return_trajectory=False, progress=None):
+                    return_trajectory=False, progress=None, steps=None, spacing="trailing"):
         """Ancestral sampling, Ho et al. Algorithm 2: T model calls from x_T ~ N(0, I) to x_0.
 
         x_{t-1} = mu + sigma_t z with mu the posterior mean of q(x_{t-1} | x_t, x0_hat) (which
         equals eq. 11 when x0_hat is not clipped) and sigma_t^2 = beta_t ("beta") or beta-tilde_t
-        ("posterior"). clip_x0 clips x0_hat to [-1, 1] first. `generator` lives on the sampling
+        ("posterior"). clip_x0 clips x0_hat to [-1, 1] first. With `steps` < T the chain runs on the
+        respaced process over ddim_timesteps(steps, spacing). `generator` lives on the sampling
         device. progress(i, n) is called after each step. Returns x_0, or (x_0, [x_T, ..., x_0]).
         """
         if variance not in ("beta", "posterior"):
             raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
         x = self._start(shape, x_T, generator)
-        sigmas = (self.betas if variance == "beta" else self.posterior_variance).sqrt()
-        ts = torch.arange(self.T, device=x.device)
+        kept = list(range(self.T)) if steps is None else self.ddim_timesteps(steps, spacing)
+        d = self if len(kept) == self.T else self.respaced(kept)
+        sigmas = (d.betas if variance == "beta" else d.posterior_variance).sqrt()
+        t_model, t_own = torch.tensor(kept, device=x.device), torch.arange(d.T, device=x.device)
         trajectory = [x]
-        for n, i in enumerate(reversed(range(self.T))):
-            t = ts[i].expand(x.shape[0])
-            x0 = self.predict_x0(x, t, model(x, t))
+        for n, i in enumerate(reversed(range(d.T))):
+            x0 = d.predict_x0(x, t_own[i].expand(x.shape[0]), model(x, t_model[i].expand(x.shape[0])))
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
-            x = self.posterior_mean_coef1[i] * x0 + self.posterior_mean_coef2[i] * x
+            x = d.posterior_mean_coef1[i] * x0 + d.posterior_mean_coef2[i] * x
             if i > 0:  # no noise at the last step: x_0 is the mean
                 x = x + sigmas[i] * torch.randn(x.shape, generator=generator, device=x.device)
             if return_trajectory:
                 trajectory.append(x)
             if progress:
-                progress(n + 1, self.T)
+                progress(n + 1, d.T)
         return (x, trajectory) if return_trajectory else x
 
-    def ddim_timesteps(self, steps):
-        """The DDIM sub-sequence t_i = i * (T // steps), i = 0 .. steps-1, ascending."""
+    def ddim_timesteps(self, steps, spacing="trailing"):
+        """`steps` strictly increasing timesteps in 0..T-1 for the sub-sequence samplers.
+
+        "leading" (the DDIM paper's; starts at 0): floor(i T / steps). "trailing" (Lin et al. 2024;
+        ends at T-1): T - 1 - floor((steps - 1 - i) T / steps). "linspace": round(i (T-1) / (steps-1)).
+        "logsnr" (the DPM-Solver paper's): the nearest timesteps to values of lambda = log(alpha /
+        sigma) evenly spaced from lambda_{T-1} to lambda_0, pushed apart where two coincide. For
+        every steps in 1..T the largest is at least T - ceil(T / steps): sampling starts near noise.
+        """
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in 1..{self.T}, got {steps}")
-        return [i * (self.T // steps) for i in range(steps)]
+        i, T = torch.arange(steps, dtype=torch.long), self.T
+        if spacing == "leading":
+            ts = i * T // steps
+        elif spacing == "trailing":
+            ts = T - 1 - (steps - 1 - i) * T // steps
+        elif spacing == "linspace":
+            ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        elif spacing == "logsnr":
+            lam = 0.5 * torch.log(self.alphas_cumprod64 / (1 - self.alphas_cumprod64))  # decreasing in t
+            target = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+            ts = (lam[None] - target[:, None]).abs().argmin(1).flip(0)
+            # ts - i non-decreasing and at most T - steps <=> strictly increasing within 0..T-1
+            ts = (ts - i).cummax(0).values.clamp(max=T - steps) + i
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        return ts.tolist()
 
     @torch.inference_mode()
     def ddim_sample(self, model, shape=None, x_T=None, steps=50, eta=0.0, clip_x0=True, generator=None,
-                    return_trajectory=False, progress=None):
-        """DDIM sampling (Song et al. eq. 12) over the sub-sequence ddim_timesteps(steps), reversed:
+                    return_trajectory=False, progress=None, spacing="trailing"):
+        """DDIM sampling (Song et al. eq. 12) over ddim_timesteps(steps, spacing), reversed:
 
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
         sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev), with a_prev = 1 after the
@@ -408,13 +645,13 @@ class Diffusion(nn.Module):
         With clip_x0, eps_hat is recomputed from the clipped x0_hat. Returns as ddpm_sample.
         """
         x = self._start(shape, x_T, generator)
-        ts = self.ddim_timesteps(steps)[::-1]
+        ts = self.ddim_timesteps(steps, spacing)[::-1]
         # every per-step coefficient is computed once here, in float64, before the loop
-        a = self.alphas_cumprod.double()[ts]
+        a = self.alphas_cumprod64[ts]
         a_prev = torch.cat([a[1:], a.new_ones(1)])
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        c_x0, c_eps = a_prev.sqrt().float(), (1 - a_prev - sigma ** 2).clamp(min=0).sqrt().float()
-        sigma, t_all = sigma.float(), torch.tensor(ts, device=x.device)
+        c_x0, c_eps, sigma = _on(x.device, a_prev.sqrt(), (1 - a_prev - sigma ** 2).clamp(min=0).sqrt(), sigma)
+        t_all = torch.tensor(ts, device=x.device)
         trajectory = [x]
         for k in range(steps):
             t = t_all[k].expand(x.shape[0])
@@ -433,8 +670,66 @@ class Diffusion(nn.Module):
                 progress(k + 1, steps)
         return (x, trajectory) if return_trajectory else x
 
+    def dpm_solver_coefficients(self, ts, order):
+        """DPM-Solver++(order M) (Lu et al. 2022b) over descending timesteps ts, then to the clean
+        image (alpha = 1, sigma = 0), as x_{k+1} = c[k] x_k + sum_j w[k, j] x0_hat_{k-j}.
+
+        With alpha = sqrt(a-bar), sigma = sqrt(1 - a-bar), lambda = log(alpha / sigma), h = lambda_{k+1}
+        - lambda_k and phi_1 = expm1(-h): order 1 is x_{k+1} = sigma_{k+1} / sigma_k x_k - alpha_{k+1}
+        phi_1 D with D = x0_hat_k (DDIM); order 2 (Algorithm 2) takes D = (1 + 1/2r) m_0 - 1/2r m_1,
+        r = h_{k-1} / h; order 3 adds the second difference. The order drops to what the history
+        allows on the first steps and to 1 (2) on the last (second-to-last) step, where h = inf.
+        """
+        a = self.alphas_cumprod64[ts]
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        alpha_next, sigma_next = torch.cat([alpha[1:], a.new_ones(1)]), torch.cat([sigma[1:], a.new_zeros(1)])
+        lam = torch.log(alpha / sigma)
+        h = torch.cat([lam[1:], a.new_full((1,), math.inf)]) - lam
+        m0, m1, m2 = torch.eye(3, dtype=torch.float64)  # x0_hat_k, x0_hat_{k-1}, x0_hat_{k-2} as weights
+        w = torch.zeros(len(ts), 3, dtype=torch.float64)
+        for k in range(len(ts)):
+            q, phi1 = min(order, k + 1, len(ts) - k), torch.expm1(-h[k])
+            if q == 1:
+                D = m0
+            elif q == 2:
+                r0 = (lam[k] - lam[k - 1]) / h[k]
+                D = (1 + 1 / (2 * r0)) * m0 - 1 / (2 * r0) * m1
+            else:  # the multistep third-order update: D_1 and D_2 approximate the first two derivatives
+                r0, r1 = (lam[k] - lam[k - 1]) / h[k], (lam[k - 1] - lam[k - 2]) / h[k]
+                d0, d1 = (m0 - m1) / r0, (m1 - m2) / r1
+                D1, D2 = d0 + r0 / (r0 + r1) * (d0 - d1), (d0 - d1) / (r0 + r1)
+                phi2 = phi1 / h[k] + 1
+                D = m0 - phi2 / phi1 * D1 + (phi2 / h[k] - 0.5) / phi1 * D2
+            w[k] = -alpha_next[k] * phi1 * D
+        return sigma_next / sigma, w
+
     @torch.inference_mode()
-    def ddim_invert(self, model, x0, steps=50, refine=2, progress=None):
+    def dpm_solver_sample(self, model, shape=None, x_T=None, steps=20, order=2, spacing="trailing", clip_x0=True,
+                          generator=None, return_trajectory=False, progress=None):
+        """DPM-Solver++ multistep (Lu et al. 2022b) on the probability-flow ODE, in lambda = log(alpha /
+        sigma): one model call per step over ddim_timesteps(steps, spacing). order 1 is DDIM (eta = 0);
+        order 2 is DPM-Solver++(2M), order 3 is 3M. clip_x0 clips each x0_hat (thresholding).
+        Deterministic given x_T; returns as ddpm_sample.
+        """
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        x = self._start(shape, x_T, generator)
+        ts = self.ddim_timesteps(steps, spacing)[::-1]
+        c, w = _on(x.device, *self.dpm_solver_coefficients(ts, order))
+        t_all, history, trajectory = torch.tensor(ts, device=x.device), [], [x]
+        for k in range(steps):
+            t = t_all[k].expand(x.shape[0])
+            x0 = self.predict_x0(x, t, model(x, t))
+            history = [x0.clamp(-1, 1) if clip_x0 else x0, *history[:order - 1]]
+            x = c[k] * x + sum(w[k, j] * m for j, m in enumerate(history))
+            if return_trajectory:
+                trajectory.append(x)
+            if progress:
+                progress(k + 1, steps)
+        return (x, trajectory) if return_trajectory else x
+
+    @torch.inference_mode()
+    def ddim_invert(self, model, x0, steps=50, refine=2, progress=None, spacing="trailing"):
         """DDIM inversion: the deterministic (eta = 0) DDIM step solved for x_t, run x_0 -> x_T.
 
         The sampler's step from t_k to t_{k-1} is solved for its input,
@@ -444,10 +739,10 @@ class Diffusion(nn.Module):
         model call and shrinks the round-trip error of ddim_sample(..., clip_x0=False) about tenfold.
         """
         x = x0.to(self.betas.device, torch.float32)
-        ts = self.ddim_timesteps(steps)
-        a = self.alphas_cumprod.double()[ts]
+        ts = self.ddim_timesteps(steps, spacing)
+        a = self.alphas_cumprod64[ts]
         a_prev = torch.cat([a.new_ones(1), a[:-1]])  # a-bar before each step; 1 for the clean image
-        c_prev, s_prev, s = (a / a_prev).sqrt().float(), (1 - a_prev).sqrt().float(), (1 - a).sqrt().float()
+        c_prev, s_prev, s = _on(x.device, (a / a_prev).sqrt(), (1 - a_prev).sqrt(), (1 - a).sqrt())
         t_all = torch.tensor(ts, device=x.device)
         for k in range(steps):
             x_prev = x
@@ -458,3 +753,46 @@ class Diffusion(nn.Module):
             if progress:
                 progress(k + 1, steps)
         return x
+
+# ----------------------------------------------------------------------------------------------
+# the variance-exploding SDE of seed 002
+
+
+class VESDE(ScoreSDE):
+    """dx = sigma^t dw for t in [eps, 1] (Song et al. 2021, seed 002's process): x_t ~ N(x_0, sigma_t^2 I)
+    with sigma_t^2 = (sigma^(2t) - 1) / (2 ln sigma), prior N(0, sigma_1^2 I). model(x_t, t) takes t as
+    a float tensor [B] in (0, 1] and returns eps_hat = -sigma_t * score.
+    """
+
+    def __init__(self, sigma=25.0, eps=1e-5):
+        super().__init__()
+        if not (math.isfinite(sigma) and sigma > 1):
+            raise ValueError(f"sigma must be a number above 1, got {sigma}")
+        if not 0 < eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {eps}")
+        self.sigma, self.eps = float(sigma), float(eps)
+        self.register_buffer("log_sigma", torch.tensor(math.log(sigma)), persistent=False)
+        self.t_start, self.t_end = 1.0, self.eps
+        self.prior_std = math.sqrt((sigma ** 2 - 1) / (2 * math.log(sigma)))
+
+    def marginal_std(self, t):
+        """sigma_t = sqrt((sigma^(2t) - 1) / (2 ln sigma)), with expm1 for small t."""
+        return (torch.expm1(2 * t * self.log_sigma) / (2 * self.log_sigma)).sqrt()
+
+    def marginal(self, t):
+        return torch.ones_like(t), self.marginal_std(t)
+
+    def sde(self, t):
+        """f = 0, g(t)^2 = sigma^(2t) = d sigma_t^2 / dt."""
+        return torch.zeros_like(t), torch.exp(2 * t * self.log_sigma)
+
+    def loss(self, model, x0, loss_type="l2", t=None, noise=None):
+        """Denoising score matching with lambda(t) = sigma_t^2 and t ~ U(eps, 1):
+        E ||sigma_t s_theta(x_t, t) + z||^2, which is the eps-loss ||eps_hat - z||^2 for eps_hat = -sigma_t s."""
+        if x0.ndim != 4:
+            raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
+        if t is None:
+            t = self.eps + (1 - self.eps) * torch.rand(x0.shape[0], device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = x0 + self.marginal_std(t).reshape(-1, 1, 1, 1) * noise
+        return eps_distance(model(x_t, t), noise, loss_type)

@@ -1,6 +1,9 @@
-"""sample.py: images from a checkpoint of train.py, with DDPM (Ho et al. 2020) or DDIM (Song et al. 2020).
+"""sample.py: images from a checkpoint of train.py: DPM-Solver++ (Lu et al. 2022), DDIM (Song et al. 2020),
+DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021).
 
-    python sample.py runs/demo --n 64                              # 8x8 grid of DDIM samples -> samples.png
+    python sample.py runs/demo --n 64                              # 8x8 grid, DPM-Solver++(2M) -> samples.png
+    python sample.py runs/ve --sampler pc --steps 500              # a VE run: em, pc or ode
+    python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images
     python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; also one PNG per image
     python sample.py runs/demo --trajectory strip.png              # rows from x_T to x_0
     python sample.py runs/demo --forward photo.png                 # forward process q(x_t | x_0) of one image
@@ -46,26 +49,68 @@ def make_progress(label):
     return lambda i, n: print(f"\r{label}: step {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
 
+DDPM_ONLY = ("ddpm", "ddim", "dpm++")
+STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "em": 500, "pc": 500}  # --steps by sampler; ddpm: all T
+
+
+def sample_batch(args, process, model, shape, x_T, generator, trajectory, progress):
+    """One batch from the sampler --sampler: (x, trajectory or None)."""
+    kw = dict(x_T=x_T, generator=generator, progress=progress)
+    steps = args.steps or STEPS.get(args.sampler)
+    spacing = {"spacing": args.spacing} if args.spacing else {}
+    if args.sampler == "ode":
+        x, nfe = process.ode_sample(model, shape, rtol=args.rtol, atol=args.atol, **kw)
+        print(f"ode: {nfe} model calls", file=sys.stderr)
+        return x, None
+    kw["return_trajectory"] = trajectory
+    if args.sampler == "ddpm":
+        out = process.ddpm_sample(model, shape, variance=args.variance, steps=steps, **spacing, **kw)
+    elif args.sampler == "ddim":
+        out = process.ddim_sample(model, shape, steps=steps, eta=args.eta, **spacing, **kw)
+    elif args.sampler == "dpm++":
+        out = process.dpm_solver_sample(model, shape, steps=steps, order=args.order, **spacing, **kw)
+    else:
+        corrector = args.corrector_steps if args.corrector_steps is not None else int(args.sampler == "pc")
+        out = process.sde_sample(model, shape, steps=steps, corrector_steps=corrector, snr=args.snr, **kw)
+    return out if trajectory else (out, None)
+
+
 def generate(args, diffusion, model, shape, x_T=None, trajectory=False):
     """Samples [N, C, H, W] in [-1, 1] (and the trajectories), in batches of --batch-size."""
-    device = diffusion.betas.device
+    device = next(diffusion.buffers()).device
     g = torch.Generator(device).manual_seed(args.seed)
     n = shape[0] if x_T is None else x_T.shape[0]
     xs, trajs = [], []
     for i in range(0, n, args.batch_size):
         k = min(args.batch_size, n - i)
         start = None if x_T is None else x_T[i:i + k].to(device)
-        kw = dict(x_T=start, generator=g, return_trajectory=trajectory,
-                  progress=make_progress(f"batch {i // args.batch_size + 1}/{math.ceil(n / args.batch_size)}"))
-        if args.sampler == "ddpm":
-            out = diffusion.ddpm_sample(model, (k, *shape[1:]), variance=args.variance, **kw)
-        else:
-            out = diffusion.ddim_sample(model, (k, *shape[1:]), steps=args.steps, eta=args.eta, **kw)
-        x, traj = out if trajectory else (out, None)
+        label = f"batch {i // args.batch_size + 1}/{math.ceil(n / args.batch_size)}"
+        x, traj = sample_batch(args, diffusion, model, (k, *shape[1:]), start, g, trajectory, make_progress(label))
         xs.append(x.cpu())
         if trajectory:
             trajs.append(torch.stack([t.cpu() for t in traj], 1))  # (k, steps + 1, C, H, W)
     return torch.cat(xs), (torch.cat(trajs) if trajectory else None)
+
+
+def negative_log_likelihood(args, ckpt, process, model):
+    """Bits/dim of --nll training images on the 8-bit scale: uniform dequantisation x = (k + u) / 128 - 1
+    of the pixel values k, so -log2 p(k + u) = -log2 p(x) + 7 D (the density of [0, 256) vs [-1, 1))."""
+    cfg, device = ckpt["config"], next(process.buffers()).device
+    size, channels = cfg["model"]["image_size"], cfg["model"]["in_channels"]
+    data = (train.load_folder(cfg["data"], size, channels) if cfg["data"]
+            else train.demo_shapes(size=size, channels=channels, seed=cfg["seed"]))
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.nll]
+    g = torch.Generator(device).manual_seed(args.seed)
+    bpd = []
+    for i in range(0, len(pick), args.batch_size):
+        k = data[pick[i:i + args.batch_size]].to(device).float()
+        u = torch.rand(k.shape, generator=g, device=device)
+        bpd.append(process.bits_per_dim(model, (k + u) / 128 - 1, rtol=args.rtol, atol=args.atol,
+                                        hutchinson=args.hutchinson, generator=g).cpu() + 7)
+        print(f"nll: {min(i + args.batch_size, len(pick))}/{len(pick)} images", file=sys.stderr)
+    bpd = torch.cat(bpd).double()
+    se = bpd.std().item() / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
+    print(f"bits/dim: {bpd.mean().item():.4f} +- {se:.4f} (standard error, {len(bpd)} images, 8-bit scale)")
 
 
 def parse_args(argv=None):
@@ -74,8 +119,15 @@ def parse_args(argv=None):
     a = p.add_argument
     a("run", metavar="RUN_OR_CKPT", help="a run folder of train.py or its ckpt.pt")
     a("--n", type=int, default=64, help="number of samples")
-    a("--sampler", default="ddim", choices=("ddpm", "ddim"))
-    a("--steps", type=int, default=50, help="DDIM steps")
+    a("--sampler", default=None, choices=("ddpm", "ddim", "dpm++", "em", "pc", "ode"),
+      help="None: dpm++ for DDPM runs, ode for VE runs. em/pc/ode solve the reverse SDE / probability-flow ODE")
+    a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 20, em/pc 500, ddpm all T (fewer: respaced)")
+    a("--spacing", choices=ddpm.SPACINGS, help="timestep spacing of ddpm/ddim/dpm++; None: the sampler's default")
+    a("--order", type=int, default=2, choices=(1, 2, 3), help="dpm++: DPM-Solver++ order (2M, 3M)")
+    a("--corrector-steps", type=int, help="em/pc: Langevin corrector steps per step; None: 0 for em, 1 for pc")
+    a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
+    a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
+    a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
     a("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
     a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
     a("--seed", type=int, default=0)
@@ -92,6 +144,8 @@ def parse_args(argv=None):
     a("--mix", type=float, default=0.5, help="weight of IMG_B in the latent mix (slerp)")
     a("--fid", metavar="REF", help="FID of the samples against an image folder or .npz")
     a("--fid-weights", help="local Inception weights for --fid")
+    a("--nll", type=int, metavar="N", help="bits/dim of N training images (8-bit scale, through the ODE)")
+    a("--hutchinson", type=int, default=1, help="--nll: Gaussian probes of the divergence (0: exact, slow)")
     return p.parse_args(argv)
 
 
@@ -103,8 +157,22 @@ def run(args):
         net.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]["model"]
     c, s = cfg["in_channels"], cfg["image_size"]
+    for name in ("steps", "nll", "n", "batch_size", "corrector_steps"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "corrector_steps" else 1):
+            raise train.UserError(f"--{name.replace('_', '-')} must be at least {0 if name == 'corrector_steps' else 1}, got {value}")
+    is_ve = isinstance(diffusion, ddpm.VESDE)
+    args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
+    if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert):
+        what = f"--sampler {args.sampler}" if args.sampler in DDPM_ONLY else ("--forward" if args.forward else "--invert")
+        raise train.UserError(f"{what} needs a DDPM checkpoint; {args.run} is a VE run: use --sampler em, pc or ode")
     print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
           f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
+    if args.trajectory and args.sampler == "ode":
+        raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
+    if args.nll:
+        negative_log_likelihood(args, ckpt, diffusion, net)
+        return
     if args.fid:  # check the reference and the weights before spending time on sampling
         ref = fid.check_input(args.fid, 2)
         inception = fid.load_inception(args.fid_weights, device)
@@ -120,9 +188,10 @@ def run(args):
 
     if args.invert:  # seed 004's experiment: invert two images, slerp their latents, decode
         x0 = torch.cat([load_image(f, s, c) for f in args.invert]).to(device)
-        x_T = diffusion.ddim_invert(net, x0, steps=args.steps, progress=make_progress("inverting"))
+        steps, spacing = args.steps or STEPS["ddim"], args.spacing or "trailing"
+        x_T = diffusion.ddim_invert(net, x0, steps=steps, spacing=spacing, progress=make_progress("inverting"))
         latents = torch.cat([x_T, slerp(x_T[:1], x_T[1:], args.mix)])
-        out = diffusion.ddim_sample(net, x_T=latents, steps=args.steps, clip_x0=False)
+        out = diffusion.ddim_sample(net, x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
         pixel = (torch.cat([x0, 0.5 * (x0[:1] + x0[1:])]), out)
         train.save_grid(torch.cat(pixel).clamp(-1, 1), args.grid, nrow=3)
         err = (out[:2] - x0).abs().max().item()
@@ -137,7 +206,7 @@ def run(args):
         a, b = (torch.randn((1, c, s, s), generator=g, device=device) for _ in range(2))
         x_T = slerp(a.expand(args.n, -1, -1, -1), b.expand(args.n, -1, -1, -1),
                     torch.linspace(0, 1, args.n, device=device).reshape(-1, 1, 1, 1))
-        args.sampler, args.eta = "ddim", 0.0  # deterministic decoding makes the path smooth
+        args.sampler, args.eta = ("ode" if is_ve else "ddim"), 0.0  # deterministic decoding: a smooth path
     x, traj = generate(args, diffusion, net, shape, x_T, trajectory=bool(args.trajectory))
     train.save_grid(x, args.grid, nrow=args.n if args.interpolate else None)
     print(f"wrote {args.grid} ({x.shape[0]} images)", file=sys.stderr)

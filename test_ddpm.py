@@ -196,7 +196,8 @@ def test_ddim_with_exact_predictor_converges_to_the_data_distribution(schedule):
     d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
     mean_err, std_err = [], []
     for steps in (10, 50, 250, 1000):
-        x = d.ddim_sample(gaussian_oracle(d), (4096, 1, 4, 4), steps=steps, clip_x0=False, generator=gen())
+        x = d.ddim_sample(gaussian_oracle(d), (4096, 1, 4, 4), steps=steps, clip_x0=False, generator=gen(),
+                          spacing="leading")
         mean_err.append(abs(x.mean().item() - MU))
         std_err.append(abs(x.std().item() - SD))
     assert std_err == sorted(std_err, reverse=True) and std_err[1] < 0.05 and std_err[-1] < 0.01
@@ -253,10 +254,12 @@ def test_ddim_invert_then_sample_returns_the_image(schedule):
     oracle = gaussian_oracle(d)
     x0 = MU + SD * torch.randn(64, 1, 4, 4, generator=gen())
     errors = []
-    for refine in (0, 1, 2):
-        x_T = d.ddim_invert(oracle, x0, steps=50, refine=refine)
-        errors.append((d.ddim_sample(oracle, x_T=x_T, steps=50, clip_x0=False) - x0).abs().max().item())
+    for refine in (0, 1, 2):  # on the DDIM paper's sequence, as the README's figures
+        x_T = d.ddim_invert(oracle, x0, steps=50, refine=refine, spacing="leading")
+        errors.append((d.ddim_sample(oracle, x_T=x_T, steps=50, clip_x0=False, spacing="leading") - x0).abs().max().item())
     assert errors[0] > 10 * errors[1] > 100 * errors[2] and errors[2] < 2e-3
+    x_T = d.ddim_invert(oracle, x0, steps=50)  # the default spacing round-trips as well
+    assert (d.ddim_sample(oracle, x_T=x_T, steps=50, clip_x0=False) - x0).abs().max() < 2e-3
     # and the other way round: noise -> image -> noise
     x_T = torch.randn(64, 1, 4, 4, generator=gen(1))
     x0 = d.ddim_sample(oracle, x_T=x_T, steps=50, clip_x0=False)
@@ -272,6 +275,227 @@ def test_ddim_invert_round_trip_with_a_network():
     errors = [(d.ddim_sample(model, x_T=d.ddim_invert(model, x0, steps=50, refine=r), steps=50, clip_x0=False)
                - x0).abs().max().item() for r in range(4)]
     assert all(e1 < e0 / 5 for e0, e1 in zip(errors, errors[1:])) and errors[-1] < 1e-3
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_timesteps_are_valid_for_every_step_count_and_spacing(schedule):
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    for spacing in ddpm.SPACINGS:
+        for steps in range(1, d.T + 1):
+            ts = torch.tensor(d.ddim_timesteps(steps, spacing))
+            assert len(ts) == steps and ts[0] >= 0 and ts[-1] <= d.T - 1, (spacing, steps)
+            assert (ts.diff() > 0).all() and ts[-1] >= d.T - math.ceil(d.T / steps), (spacing, steps)
+    assert d.ddim_timesteps(10, "leading") == list(range(0, 1000, 100))  # the DDIM paper's sequence
+    assert d.ddim_timesteps(10, "trailing") == list(range(99, 1000, 100))
+    assert d.ddim_timesteps(4, "linspace") == [0, 333, 666, 999]
+    assert d.ddim_timesteps(300, "leading")[-1] == 996  # T // steps would have stopped at 897
+    if schedule == "linear":  # evenly spaced in lambda (cosine's lambda plunges at t = T-1, where they are pushed apart)
+        lam = (0.5 * torch.log(d.alphas_cumprod64 / (1 - d.alphas_cumprod64)))[d.ddim_timesteps(8, "logsnr")]
+        assert lam.diff().neg().std() < 0.05 * lam.diff().neg().mean()
+    with pytest.raises(ValueError, match="spacing"):
+        d.ddim_timesteps(10, "uniform")
+
+
+def test_dpm_solver_of_order_one_is_ddim():
+    d = ddpm.Diffusion(ddpm.make_betas("cosine", 200))
+    model, x_T = perturbed_unet(), torch.randn(2, 3, 16, 16, generator=gen())
+    for clip in (True, False):
+        a = d.dpm_solver_sample(model, x_T=x_T, steps=12, order=1, clip_x0=clip)
+        b = d.ddim_sample(model, x_T=x_T, steps=12, clip_x0=clip)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def exact_ode_sample(d, x_T, ts, mu=MU, sd=SD):
+    """What a deterministic sampler over timesteps ts must return for Gaussian data: the affine probability-flow
+    map from ts[-1] to ts[0], x = a mu + std / std_T (x_T - a_T mu), then E[x0 | x] (its last step)."""
+    a = d.alphas_cumprod64[[ts[0], ts[-1]]]
+    alpha, std = a.sqrt(), (a * sd ** 2 + 1 - a).sqrt()
+    return (mu + sd ** 2 * alpha[0] / (std[0] * std[1]) * (x_T.double() - alpha[1] * mu)).float()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpm_solver_beats_ddim_and_converges_to_the_exact_ode_solution(schedule):
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    oracle, x_T = gaussian_oracle(d), torch.randn(4096, 1, 4, 4, generator=gen())
+
+    def errors(sampler, steps, **kw):
+        exact = exact_ode_sample(d, x_T, d.ddim_timesteps(steps))
+        x = sampler(oracle, x_T=x_T, steps=steps, clip_x0=False, **kw)
+        return (x - exact).pow(2).mean().sqrt().item(), abs(x.std().item() - exact.std().item())
+
+    rmse_ddim, std_ddim = errors(d.ddim_sample, 10)
+    rmse_dpm, std_dpm = errors(d.dpm_solver_sample, 10)
+    assert std_dpm < std_ddim / 4 and rmse_dpm < rmse_ddim / 4  # a wide margin at 10 model calls
+    for order in (2, 3):
+        rmse = [errors(d.dpm_solver_sample, k, order=order)[0] for k in (20, 100, 500)]
+        ddim = [errors(d.ddim_sample, k)[0] for k in (20, 100, 500)]
+        assert rmse == sorted(rmse, reverse=True) and rmse[-1] < 5e-4 and rmse[-1] < ddim[-1] / 5, (order, rmse, ddim)
+
+
+@pytest.mark.parametrize("sampler", ["dpm_solver", "ddpm_respaced"])
+def test_fast_samplers_keep_the_conventions(sampler):
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 30))
+    model, calls = perturbed_unet(in_channels=1), []
+    run = d.dpm_solver_sample if sampler == "dpm_solver" else d.ddpm_sample
+    x, traj = run(model, (3, 1, 16, 16), steps=10, generator=gen(5), return_trajectory=True,
+                  progress=lambda i, n: calls.append((i, n)))
+    assert x.shape == (3, 1, 16, 16) and x.dtype == torch.float32 and x.abs().max() <= 1
+    assert len(traj) == 11 and torch.equal(traj[-1], x) and calls == [(i + 1, 10) for i in range(10)]
+    assert torch.equal(x, run(model, (3, 1, 16, 16), steps=10, generator=gen(5)))
+
+
+def test_respaced_ddpm_with_all_steps_is_ddpm_and_keeps_the_schedule():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
+    model, x_T = perturbed_unet(), torch.randn(2, 3, 16, 16, generator=gen(3))
+    a = d.ddpm_sample(model, x_T=x_T, generator=gen(7))
+    for spacing in ddpm.SPACINGS:
+        assert torch.equal(a, d.ddpm_sample(model, x_T=x_T, steps=100, spacing=spacing, generator=gen(7)))
+    kept = d.ddim_timesteps(10, "trailing")
+    r = d.respaced(kept)
+    assert torch.allclose(r.alphas_cumprod64, d.alphas_cumprod64[kept], rtol=1e-12)  # a-bar of the kept steps
+    assert torch.allclose(d.respaced(list(range(100))).alphas_cumprod64, d.alphas_cumprod64, rtol=1e-12)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_respaced_ddpm_samples_the_data_distribution(spacing):
+    d = ddpm.Diffusion(ddpm.make_betas("cosine", 1000))
+    x = d.ddpm_sample(gaussian_oracle(d), (4096, 1, 4, 4), steps=50, spacing=spacing, clip_x0=False,
+                      generator=gen())
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x.std().item() == pytest.approx(SD, rel=0.03)
+
+# ----------------------------------------------------------------------------------------------
+# score SDEs: the VP reading of Diffusion and the VE process, through one set of samplers
+
+PROCESSES = {"vp": lambda: ddpm.Diffusion(ddpm.make_betas("linear", 1000)), "ve": lambda: ddpm.VESDE(25.0)}
+
+
+def sde_oracle(process, mu=MU, sd=SD):
+    """The exact eps-predictor of any process with marginals x_t = alpha x0 + sigma z, for x0 ~ N(mu, sd^2 I):
+    eps_hat = sigma (x_t - alpha mu) / (alpha^2 sd^2 + sigma^2), at float t."""
+    def model(x, t):
+        assert t.dtype == torch.float32 and t.shape == (x.shape[0],)
+        a, s = (v.reshape(-1, 1, 1, 1) for v in process.marginal(t))
+        return s * (x - a * mu) / (a ** 2 * sd ** 2 + s ** 2)
+    return model
+
+
+def gaussian_ends(process, sd=SD):
+    """alpha and std = sqrt(alpha^2 sd^2 + sigma^2) of x_t at the data end and at the noise end."""
+    (a_e, s_e), (a_s, s_s) = (process.marginal(torch.tensor(t)) for t in (process.t_end, process.t_start))
+    return a_e, (a_e ** 2 * sd ** 2 + s_e ** 2).sqrt(), a_s, (a_s ** 2 * sd ** 2 + s_s ** 2).sqrt()
+
+
+def gaussian_ode_sample(process, x_T, mu=MU, sd=SD):
+    """For Gaussian data the probability-flow ODE is affine, x_t = alpha_t mu + std_t / std_s (x_s - alpha_s mu):
+    what ode_sample must return from x_T, its last step E[x0 | x] included."""
+    a_e, std_e, a_s, std_s = gaussian_ends(process, sd)
+    x_end = a_e * mu + std_e / std_s * (x_T - a_s * mu)
+    return mu + sd ** 2 * a_e / std_e ** 2 * (x_end - a_e * mu)
+
+
+def test_ve_marginal_std_is_the_seeds_closed_form():
+    ve = ddpm.VESDE(25.0)
+    t = torch.tensor([1e-5, 0.1, 0.5, 1.0], dtype=torch.float64)
+    expected = ((25.0 ** (2 * t) - 1) / (2 * math.log(25.0))).sqrt()
+    assert torch.allclose(ve.marginal_std(t.float()).double(), expected, rtol=1e-5)
+    assert ve.prior_std == pytest.approx(expected[-1].item())
+    f, g2 = ve.sde(t.float())  # d sigma_t^2 / dt = sigma^(2t)
+    assert (f == 0).all() and torch.allclose(g2.double(), 25.0 ** (2 * t), rtol=1e-5)
+
+
+def test_vp_sde_interpolates_the_schedule_and_matches_its_marginals():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    t = torch.arange(1000)
+    alpha, sigma = d.marginal(t.float())
+    assert torch.allclose(alpha, d.sqrt_alphas_cumprod, rtol=1e-5) and torch.allclose(sigma, d.sqrt_one_minus_alphas_cumprod, rtol=1e-4)
+    mid = d.marginal(torch.tensor([10.5]))[0] ** 2  # log a-bar halfway between its neighbours
+    assert mid.item() == pytest.approx((d.alphas_cumprod[10] * d.alphas_cumprod[11]).sqrt().item(), rel=1e-6)
+    f, g2 = d.sde(torch.tensor([10.5]))  # beta(t) = -d log a-bar / dt, so that the SDE has these marginals
+    assert g2.item() == pytest.approx(-math.log(1 - d.betas[11].item()), rel=1e-4) and f.item() == pytest.approx(-g2.item() / 2)
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_ve_and_vp_loss_of_the_exact_predictor_is_the_posterior_variance_of_eps(process):
+    p = PROCESSES[process]()
+    x0 = MU + SD * torch.randn(4096, 1, 4, 4, generator=gen())
+    t_value = 0.3 if process == "ve" else 300.0
+    t = torch.full((4096,), t_value)
+    sigma2 = p.marginal(t)[1][0].item() ** 2
+    alpha2 = p.marginal(t)[0][0].item() ** 2
+    if process == "ve":
+        loss = p.loss(sde_oracle(p), x0, t=t, noise=torch.randn(x0.shape, generator=gen(1))).item()
+    else:  # Diffusion.loss takes integer timesteps; the VP oracle takes them as floats
+        oracle = sde_oracle(p)
+        loss = p.loss(lambda x, s: oracle(x, s.float()), x0, t=t.long(), noise=torch.randn(x0.shape, generator=gen(1))).item()
+    assert loss == pytest.approx(alpha2 * SD ** 2 / (alpha2 * SD ** 2 + sigma2), rel=0.03)
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+@pytest.mark.parametrize("corrector_steps", [0, 1])
+def test_em_and_pc_with_exact_predictor_sample_the_data_distribution(process, corrector_steps):
+    p = PROCESSES[process]()
+    x = p.sde_sample(sde_oracle(p), (2048, 1, 4, 4), steps=500, corrector_steps=corrector_steps, generator=gen())
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    # Langevin steps of size 2 (snr |z| / |score|)^2 widen a Gaussian by about (snr^2 / 2): 1.3% at snr 0.16
+    assert x.std().item() == pytest.approx(SD * (1 + 0.013 * corrector_steps), rel=0.015)
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_sde_sampler_conventions_and_no_noise_at_the_last_step(process):
+    p, net = PROCESSES[process](), perturbed_unet(in_channels=1)
+    model = lambda x, t: net(x, t * (999.0 if process == "ve" else 1.0))
+    x = p.sde_sample(model, (3, 1, 16, 16), steps=6, corrector_steps=1, generator=gen(5))
+    assert torch.equal(x, p.sde_sample(model, (3, 1, 16, 16), steps=6, corrector_steps=1, generator=gen(5)))
+    x, traj = p.sde_sample(model, (3, 1, 16, 16), steps=6, generator=gen(5), return_trajectory=True)
+    assert x.shape == (3, 1, 16, 16) and len(traj) == 7 and torch.equal(traj[-1], x)
+    with torch.inference_mode():  # the last step is E[x0 | x] at t_end: no noise
+        assert torch.allclose(x, p._denoise(model, traj[-2], torch.tensor(p.t_end)), atol=1e-6)
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_ode_sampler_is_the_exact_flow_and_its_cost_shrinks_with_the_tolerance(process):
+    p = PROCESSES[process]()
+    x_T = p.prior_std * torch.randn(512, 1, 4, 4, generator=gen())
+    exact = gaussian_ode_sample(p, x_T)
+    nfes = []
+    for tol in (1e-5, 1e-3):
+        x, nfe = p.ode_sample(sde_oracle(p), x_T=x_T, rtol=tol, atol=tol)
+        assert (x - exact).abs().max() < 20 * tol + 1e-4, (tol, (x - exact).abs().max())
+        nfes.append(nfe)
+    assert nfes[0] > nfes[1] > 10
+    x, _ = p.ode_sample(sde_oracle(p), (4096, 1, 4, 4), generator=gen(1))
+    assert x.std().item() == pytest.approx(SD, rel=0.02)  # the prior maps to the data's spread
+    assert x.mean().item() == pytest.approx(MU, abs=0.03 if process == "ve" else 0.01)  # VE: prior mean 0, not mu
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_bits_per_dim_is_the_density_of_the_pushed_forward_prior(process):
+    p = PROCESSES[process]()
+    x0 = MU + SD * torch.randn(64, 1, 2, 2, generator=gen(1))
+    a_e, std_e, a_s, std_s = gaussian_ends(p)
+    x_T = (a_s * MU + std_s / std_e * (x0 - a_e * MU)).flatten(1)  # the affine flow from t_end to t_start
+    D = 4  # log p(x0) = log prior(x_T) + log |det dx_T / dx0|
+    log_p = (-0.5 * D * math.log(2 * math.pi * p.prior_std ** 2) - x_T.pow(2).sum(1) / (2 * p.prior_std ** 2)
+             + D * torch.log(std_s / std_e))
+    expected = -log_p / (D * math.log(2))
+    exact = p.bits_per_dim(sde_oracle(p), x0, hutchinson=0, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(exact, expected, atol=2e-3), (exact - expected).abs().max()
+    estimate = p.bits_per_dim(sde_oracle(p), x0, hutchinson=4, generator=gen(2))
+    diff = estimate - expected
+    assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(64) and diff.std() > 0  # unbiased, not exact
+
+
+def test_vp_ode_on_a_network_agrees_with_ddim_with_all_steps():
+    """Both solve the probability-flow ODE of the same process; DDIM with T steps is its first-order solution."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    oracle, net = sde_oracle(d, mu=0.0), perturbed_unet(scale=0.01)
+    model = lambda x, t: oracle(x, t.float()) + net(x, t)
+    x_T = torch.randn(2, 3, 16, 16, generator=gen())
+    ode, nfe = d.ode_sample(model, x_T=x_T)
+    ddim = d.ddim_sample(model, x_T=x_T, steps=1000, clip_x0=False)
+    coarse = d.ddim_sample(model, x_T=x_T, steps=100, clip_x0=False)
+    err = (ode - ddim).abs().max().item()
+    assert err < 0.01 and err < (coarse - ddim).abs().max().item() / 3 and nfe < 300
 
 # ----------------------------------------------------------------------------------------------
 # U-Net and EMA
@@ -813,3 +1037,51 @@ def test_sample_bad_checkpoint_is_one_line(tmp_path, trained_run, capsys, case):
     assert sample.main([str(path), "--n", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sample.py: error:") and str(path) in err[0]
+
+
+@pytest.fixture(scope="module")
+def ve_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ve")
+    run = root / "run"
+    assert train.main(["--process", "ve", "--sigma", "10", "--data", str(mixed_folder(root / "data")), "--out", str(run),
+                       "--steps", "3", "--sample-every", "3", *TINY]) == 0
+    return run
+
+
+def test_a_ve_run_records_its_process_and_samples_with_the_sde_samplers(tmp_path, ve_run, capsys):
+    ckpt, model, _, process = train.load_checkpoint(ve_run)
+    assert isinstance(process, ddpm.VESDE) and process.sigma == 10 and ckpt["config"]["process"] == "ve"
+    assert model.config["time_scale"] == 1000.0  # t in (0, 1] reaches the embedding as 0..1000
+    for sampler in ("em", "pc", "ode"):
+        assert sample.main([str(ve_run), "--sampler", sampler, "--steps", "4", "--rtol", "1e-2", "--atol", "1e-2",
+                            "--n", "2", "--grid", str(tmp_path / f"{sampler}.png")]) == 0
+        assert Image.open(tmp_path / f"{sampler}.png").size == (2 * 18 + 2, 18 + 2)
+    assert "model calls" in capsys.readouterr().err  # the ODE says what it cost
+    for bad in (["--sampler", "ddim"], ["--sampler", "dpm++"], ["--invert", "a.png", "b.png"]):
+        assert sample.main([str(ve_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "VE run" in err[0] and not (tmp_path / "no.png").exists()
+
+
+def test_sample_nll_is_bits_per_dim_of_dequantised_training_images_on_the_8_bit_scale(trained_run, capsys):
+    """x = (k + u) / 128 - 1 maps [0, 256) onto [-1, 1): densities differ by 128^D, so 8-bit bits/dim = ours + 7."""
+    assert sample.main([str(trained_run), "--nll", "3", "--rtol", "1e-3", "--atol", "1e-3", "--seed", "4"]) == 0
+    out = capsys.readouterr().out.strip()
+    value, se = float(out.split()[1]), float(out.split()[3])
+    ckpt, _, ema, process = train.load_checkpoint(trained_run)
+    cfg = ckpt["config"]
+    data = train.load_folder(cfg["data"], 16, 3)
+    k = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(4))[:3]].float()
+    g = torch.Generator().manual_seed(4)
+    u = torch.rand(k.shape, generator=g)
+    bpd = process.bits_per_dim(ema.model.eval(), (k + u) / 128 - 1, rtol=1e-3, atol=1e-3, generator=g) + 7
+    assert value == pytest.approx(bpd.mean().item(), abs=1e-4) and se == pytest.approx(bpd.std().item() / math.sqrt(3), abs=1e-4)
+
+
+@pytest.mark.parametrize("sampler,extra", [("dpm++", ["--order", "3"]), ("ddpm", ["--steps", "7"]),
+                                           ("ddim", ["--spacing", "logsnr"])])
+def test_sample_fast_samplers_from_the_command_line(tmp_path, trained_run, sampler, extra):
+    args = [str(trained_run), "--n", "3", "--sampler", sampler, *extra]
+    assert sample.main([*args, "--grid", str(tmp_path / "a.png")]) == 0
+    assert sample.main([*args, "--grid", str(tmp_path / "b.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))

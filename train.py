@@ -3,12 +3,13 @@
     python train.py                                           # demo: coloured shapes at 32x32, CPU minutes
     python train.py --data ./faces --T 300 --schedule cosine --preset faces64 --image-size 64
     python train.py --data ../shared/data/mnist --channels 1 --image-size 32 --preset tiny
+    python train.py --data ../shared/data/mnist --channels 1 --process ve   # seed 002's score model
     python train.py --resume runs/faces                       # continue exactly where it stopped
 
 A folder is searched recursively for png/jpg/jpeg/bmp/webp images (and MNIST's IDX files); each
 is decoded once, its short side resized and centre-cropped to --image-size, and kept in memory
 as uint8. The run folder (--out) gets config.json, ckpt.pt (written atomically; Ctrl-C saves
-it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model with DDIM.
+it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model (DPM-Solver++).
 """
 import argparse
 import concurrent.futures
@@ -236,8 +237,7 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:
         raise UserError(f"{path}: not a checkpoint of this version of train.py "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    betas = ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"], cfg["beta_end"])
-    return ckpt, model, ema, ddpm.Diffusion(betas).to(device)
+    return ckpt, model, ema, make_process(cfg).to(device)
 
 # ----------------------------------------------------------------------------------------------
 # main
@@ -254,6 +254,9 @@ def parse_args(argv=None):
     a("--channels", type=int, default=3, choices=(1, 3), help="1 for grayscale")
     a("--no-flip", action="store_true", help="no random horizontal flips")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    a("--process", default="ddpm", choices=("ddpm", "ve"),
+      help="ddpm (Ho et al.; also sampled as the VP SDE) or ve: seed 002's score model on dx = sigma^t dw")
+    a("--sigma", type=float, default=25.0, help="ve: sigma of dx = sigma^t dw")
     a("--T", type=int, default=1000, help="diffusion steps")
     a("--schedule", default="linear", choices=ddpm.SCHEDULES)
     a("--beta-start", type=float, default=1e-4)
@@ -282,7 +285,7 @@ def parse_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--sample-every", type=int, default=500, help="steps between sample grids (0: off)")
     a("--sample-n", type=int, default=36)
-    a("--sample-steps", type=int, default=50, help="DDIM steps for the grids")
+    a("--sample-steps", type=int, default=20, help="DPM-Solver++ steps for the grids and FID (ddpm runs)")
     a("--save-every", type=int, default=500)
     a("--log-every", type=int, default=10)
     a("--fid-every", type=int, default=0, help="steps between FIDs against the training set (0: off)")
@@ -306,13 +309,31 @@ def run_config(args):
     except ValueError:
         raise UserError("--channel-mults and --attn-resolutions take comma-separated integers") from None
     cfg.update(in_channels=args.channels, activation=args.act, norm=args.norm)
+    if args.process == "ve":  # t in (0, 1]: see UNet.forward
+        cfg["time_scale"] = 1000.0
     skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
             "dropout", "image_size", "act", "norm"}
     run = {k: v for k, v in vars(args).items() if k not in skip}
     if run["lr"] is None:
         run["lr"] = 1e-3 if args.preset == "tiny" else 2e-4
     ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
+    make_process(run)  # and for an impossible process
     return run | {"model": cfg}
+
+
+def make_process(cfg):
+    """The run's process: ddpm.Diffusion with its beta schedule, or ddpm.VESDE."""
+    if cfg.get("process", "ddpm") == "ve":
+        return ddpm.VESDE(cfg["sigma"])
+    return ddpm.Diffusion(ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"], cfg["beta_end"]))
+
+
+def draw(process, model, shape, steps, generator):
+    """Samples for grids and FID during training: DPM-Solver++(2M) with `steps` calls for DDPM runs
+    (the best images per model call, README), the probability-flow ODE at tolerance 1e-3 for VE."""
+    if isinstance(process, ddpm.VESDE):
+        return process.ode_sample(model, shape, rtol=1e-3, atol=1e-3, generator=generator)[0]
+    return process.dpm_solver_sample(model, shape, steps=steps, generator=generator)
 
 
 def lr_at(step, cfg, total):
@@ -364,11 +385,13 @@ def train(args):
     if ckpt is None:
         model = ddpm.UNet(**mcfg).to(device)
         ema = ddpm.EMA(model, cfg["ema_decay"])
-        diffusion = ddpm.Diffusion(ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"],
-                                                   cfg["beta_end"])).to(device)
+        diffusion = make_process(cfg).to(device)
     print(f"model: {ddpm.count_params(model) / 1e6:.2f} M parameters", file=sys.stderr)
-    a_T = diffusion.alphas_cumprod[-1].item()
-    print(f"schedule: {cfg['schedule']} T={cfg['T']}, alpha-bar_T = {a_T:.2e}", file=sys.stderr)
+    a_T = diffusion.alphas_cumprod[-1].item() if isinstance(diffusion, ddpm.Diffusion) else 0.0
+    if isinstance(diffusion, ddpm.VESDE):
+        print(f"process: VE SDE dx = {diffusion.sigma:g}^t dw, prior std {diffusion.prior_std:.2f}", file=sys.stderr)
+    else:
+        print(f"schedule: {cfg['schedule']} T={cfg['T']}, alpha-bar_T = {a_T:.2e}", file=sys.stderr)
     if a_T > 0.01:
         print(f"warning: alpha-bar_T = {a_T:.3f} > 0.01: x_T keeps {math.sqrt(a_T):.0%} of the image, so "
               "sampling from pure noise starts off the training distribution; use --schedule cosine "
@@ -415,8 +438,7 @@ def train(args):
 
     def sample_grid():
         g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
-        x = diffusion.ddim_sample(ema.model, (cfg["sample_n"], channels, size, size), steps=cfg["sample_steps"],
-                                  generator=g)
+        x = draw(diffusion, ema.model, (cfg["sample_n"], channels, size, size), cfg["sample_steps"], g)
         save_grid(x, out / "samples" / f"step_{step:06d}.png")
 
     fid_state = {"model": None, "ref": None, "off": False}
@@ -435,8 +457,8 @@ def train(args):
             fid_state["off"] = True
             return
         g = torch.Generator(device).manual_seed(cfg["seed"] + 1)
-        xs = [diffusion.ddim_sample(ema.model, (min(100, cfg["fid_samples"] - i), channels, size, size),
-                                    steps=cfg["sample_steps"], generator=g)
+        xs = [draw(diffusion, ema.model, (min(100, cfg["fid_samples"] - i), channels, size, size),
+                   cfg["sample_steps"], g)
               for i in range(0, cfg["fid_samples"], 100)]
         feats = fid.get_activations(fid.tensor_batches(torch.cat(xs)), fid_state["model"])[0]
         value = fid.frechet_distance(*fid.activation_statistics(feats), *fid_state["ref"])
