@@ -403,15 +403,22 @@ def test_ve_marginal_std_is_the_seeds_closed_form():
     assert (f == 0).all() and torch.allclose(g2.double(), 25.0 ** (2 * t), rtol=1e-5)
 
 
-def test_vp_sde_interpolates_the_schedule_and_matches_its_marginals():
-    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
-    t = torch.arange(1000)
-    alpha, sigma = d.marginal(t.float())
-    assert torch.allclose(alpha, d.sqrt_alphas_cumprod, rtol=1e-5) and torch.allclose(sigma, d.sqrt_one_minus_alphas_cumprod, rtol=1e-4)
-    mid = d.marginal(torch.tensor([10.5]))[0] ** 2  # log a-bar halfway between its neighbours
-    assert mid.item() == pytest.approx((d.alphas_cumprod[10] * d.alphas_cumprod[11]).sqrt().item(), rel=1e-6)
-    f, g2 = d.sde(torch.tensor([10.5]))  # beta(t) = -d log a-bar / dt, so that the SDE has these marginals
-    assert g2.item() == pytest.approx(-math.log(1 - d.betas[11].item()), rel=1e-4) and f.item() == pytest.approx(-g2.item() / 2)
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_vp_sde_interpolates_the_schedule_smoothly_and_matches_its_marginals(schedule):
+    d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
+    alpha, sigma = d.marginal(torch.arange(1000).float())  # exact at the integers
+    assert torch.allclose(alpha, d.sqrt_alphas_cumprod, rtol=1e-5)
+    assert torch.allclose(sigma, d.sqrt_one_minus_alphas_cumprod, rtol=1e-4)
+    t = torch.linspace(0, 999, 99901, dtype=torch.float64)  # steps of 0.01
+    log_ab, beta = (v.double() for v in d._log_alphas_cumprod_at(t))
+    assert (beta > 0).all()  # a valid SDE: g^2 = beta(t) > 0
+    end = len(t) if schedule == "linear" else -300  # cosine's last 3 steps: betas clipped at 0.999, a cliff
+    slope = (log_ab[2:] - log_ab[:-2]) / 0.02  # beta = -d log a-bar / dt, so the SDE has these marginals
+    assert torch.allclose(-slope[:end], beta[1:-1][:end], rtol=1e-3, atol=1e-6)
+    jumps = (beta[1:] - beta[:-1]).abs() / beta[:-1]  # continuous: no jump at the integers
+    assert jumps[:end].max() < 0.02
+    f, g2 = d.sde(t.float())
+    assert torch.equal(f, -0.5 * g2)
 
 
 @pytest.mark.parametrize("process", ["vp", "ve"])
@@ -460,9 +467,7 @@ def test_ode_sampler_is_the_exact_flow_and_its_cost_shrinks_with_the_tolerance(p
     nfes = []
     for tol in (1e-5, 1e-3):
         x, nfe = p.ode_sample(sde_oracle(p), x_T=x_T, rtol=tol, atol=tol)
-        # VP floor 1e-3: an error of ~7e-4 over its 999-unit time span, not yet traced (README)
-        floor = 1e-3 if process == "vp" else 1e-4
-        assert (x - exact).abs().max() < 20 * tol + floor, (tol, (x - exact).abs().max())
+        assert (x - exact).abs().max() < 50 * tol, (tol, (x - exact).abs().max())
         nfes.append(nfe)
     assert nfes[0] > nfes[1] > 10
     x, _ = p.ode_sample(sde_oracle(p), (4096, 1, 4, 4), generator=gen(1))
@@ -481,7 +486,7 @@ def test_bits_per_dim_is_the_density_of_the_pushed_forward_prior(process):
              + D * torch.log(std_s / std_e))
     expected = -log_p / (D * math.log(2))
     exact = p.bits_per_dim(sde_oracle(p), x0, hutchinson=0, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(exact, expected, atol=3e-3 if process == "vp" else 1e-4), (exact - expected).abs().max()
+    assert torch.allclose(exact, expected, atol=1e-4), (exact - expected).abs().max()
     estimate = p.bits_per_dim(sde_oracle(p), x0, hutchinson=4, generator=gen(2))
     diff = estimate - expected
     assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(64) and diff.std() > 0  # unbiased, not exact
