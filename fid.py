@@ -12,6 +12,7 @@ bias, as torch-fidelity does.
     python fid.py --save-stats real/ real.npz           # save mu and sigma (pytorch-fid's format)
     python fid.py real.npz generated/                   # FID against saved statistics
     python fid.py --isc generated/                      # Inception Score, mean and std over splits
+    python fid.py --kid real/ generated/                # FID, then KID (torch-fidelity's subsets)
 """
 import argparse
 import os
@@ -348,6 +349,26 @@ def inception_score(logits, splits=10, shuffle=True, seed=2020):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def kernel_inception_distance(feats1, feats2, subsets=100, subset_size=1000, seed=2020):
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets [N, d] with the kernel
+    k(x, y) = (x.y / d + 1)^3, over `subsets` subsets of `subset_size` (capped by the smaller set)
+    drawn without replacement by numpy's RandomState(seed), first from set 1 then from set 2, as
+    torch-fidelity does. Returns (mean, std) over the subsets, in float64."""
+    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise FIDError(f"KID needs two feature sets [N, d] of one d, got {f1.shape} and {f2.shape}")
+    m, d = min(subset_size, len(f1), len(f2)), f1.shape[1]
+    if m < 2:
+        raise FIDError(f"KID needs at least 2 images in each set, got {len(f1)} and {len(f2)}")
+    rng, mmd = np.random.RandomState(seed), np.empty(subsets)
+    for i in range(subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        same = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))  # i != j only
+        mmd[i] = same - 2 * kxy.mean()
+    return float(mmd.mean()), float(mmd.std())
+
+
 def load_stats(path):
     """mu and sigma from a pytorch-fid .npz."""
     try:
@@ -402,6 +423,9 @@ def main(argv=None):
     p.add_argument("--save-stats", nargs=2, metavar=("FOLDER", "OUT_NPZ"), help="save mu and sigma of FOLDER")
     p.add_argument("--isc", metavar="FOLDER", help="Inception Score of the images in FOLDER")
     p.add_argument("--splits", type=int, default=10, help="splits for the Inception Score")
+    p.add_argument("--kid", action="store_true", help="with two folders: KID (mean +- std over subsets) after FID")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (torch-fidelity's default)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped by the smaller set")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
@@ -414,6 +438,10 @@ def main(argv=None):
     try:
         if args.isc and args.isc.endswith(".npz"):
             raise FIDError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
+        if args.kid and (not args.path or any(x.endswith(".npz") for x in args.path)):
+            raise FIDError("--kid needs two image folders: statistics files hold no features")
+        if args.kid and (args.kid_subsets < 1 or args.kid_subset_size < 2):
+            raise FIDError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
         stats = [check_input(x, args.splits if args.isc else 2) for x in inputs]
         model = None if all(s is not None for s in stats) else load_inception(args.weights, args.device)
         acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers)
@@ -428,6 +456,9 @@ def main(argv=None):
             print(f"saved {args.save_stats[1]}", file=sys.stderr)
         else:  # FID is >= 0; rounding can leave identical sets at -1e-9, which would print as -0.0000
             print(f"FID: {max(frechet_distance(*stats[0], *stats[1]), 0.0):.4f}")
+            if args.kid:
+                mean, std = kernel_inception_distance(acts[0][0], acts[1][0], args.kid_subsets, args.kid_subset_size)
+                print(f"KID: {mean:.6f} +- {std:.6f}")
     except (FIDError, ValueError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 1

@@ -762,6 +762,47 @@ def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, cap
     assert run(str(tmp_path / "s.npz"), str(tmp_path / "t.npz"))[0] == f"FID: {3 + (2 - 1) ** 2:.4f}"
 
 
+def mmd2_unbiased_by_pairs(x, y):
+    """The unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, pair by pair: the definition KID averages."""
+    k = lambda a, b: (float(a @ b) / len(a) + 1) ** 3
+    m = len(x)
+    same = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    return same - 2 * sum(k(a, b) for a in x for b in y) / m ** 2
+
+
+def test_kid_equals_the_pairwise_definition_and_closed_forms():
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(12, 5)), g.normal(size=(15, 5)) + 0.5
+    mean, std = fid.kernel_inception_distance(x, y[:12], subsets=1, subset_size=12)  # one subset: all of both
+    assert mean == pytest.approx(mmd2_unbiased_by_pairs(x, y[:12]), rel=1e-12) and std == 0
+    mean, std = fid.kernel_inception_distance(x, y, subsets=7, subset_size=1000)  # capped at the smaller set, 12
+    assert std > 0 and mean == pytest.approx(np.mean([mmd2_unbiased_by_pairs(
+        x[r.choice(12, 12, replace=False)], y[r.choice(15, 12, replace=False)]) for r in [np.random.RandomState(2020)]
+        for _ in range(7)]), rel=1e-12)
+    # point masses at a and b: every kernel value is known, so MMD^2 = k(a, a) + k(b, b) - 2 k(a, b)
+    for shift in (0.0, 0.5, 1.0, 2.0):
+        a, b = np.zeros((20, 8)), np.full((20, 8), shift)
+        assert fid.kernel_inception_distance(a, b, subsets=3)[0] == pytest.approx((shift ** 2 + 1) ** 3 - 1, abs=1e-12)
+    p, q = g.normal(size=(400, 16)), g.normal(size=(400, 16))  # two samples of one distribution
+    own, own_std = fid.kernel_inception_distance(p, q, subsets=20, subset_size=200)
+    far, _ = fid.kernel_inception_distance(p, q + 0.3, subsets=20, subset_size=200)
+    assert abs(own) < 3 * own_std < far / 5  # unbiased: about 0, of either sign, against a clear shift
+    with pytest.raises(fid.FIDError, match="at least 2"):
+        fid.kernel_inception_distance(x[:1], y)
+
+
+def test_fid_command_line_kid(tmp_path, inception_weights, inception, capsys):
+    a, b = write_images(tmp_path / "a", 5, seed=1), write_images(tmp_path / "b", 4, seed=2, bright=120)
+    assert fid.main([str(a), str(b), "--kid", "--weights", str(inception_weights), "--num-workers", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    fa, fb = (fid.folder_activations(p, inception, quiet=True)[0] for p in (a, b))
+    mean, std = fid.kernel_inception_distance(fa, fb)
+    assert lines[0].startswith("FID: ") and lines[1] == f"KID: {mean:.6f} +- {std:.6f}"
+    fid.save_stats(tmp_path / "s.npz", np.ones(3), np.eye(3))
+    assert fid.main([str(tmp_path / "s.npz"), str(b), "--kid", "--weights", str(inception_weights)]) == 1
+    assert "statistics files hold no features" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "one image", "bad npz"])
 def test_fid_command_line_bad_input_is_one_line(tmp_path, inception_weights, case):
     write_images(tmp_path / "good", 3, seed=0)
