@@ -13,6 +13,7 @@ bias, as torch-fidelity does.
     python fid.py real.npz generated/                   # FID against saved statistics
     python fid.py --isc generated/                      # Inception Score, mean and std over splits
     python fid.py --kid real/ generated/                # FID, then KID (torch-fidelity's subsets)
+    python fid.py --prc real/ generated/                # FID, then precision and recall (k = 3)
 """
 import argparse
 import os
@@ -369,6 +370,30 @@ def kernel_inception_distance(feats1, feats2, subsets=100, subset_size=1000, see
     return float(mmd.mean()), float(mmd.std())
 
 
+def precision_recall(real, fake, k=3, batch_size=10000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019), as torch-fidelity 0.4 computes them:
+    each set's manifold is the union of balls around its points with radius the distance to the k-th
+    nearest other point of the set. Precision: the share of fake points inside the real manifold;
+    recall: the share of real points inside the fake manifold (distance <= radius). float64."""
+    real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float64) for f in (real, fake))
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise FIDError(f"precision/recall needs two feature sets [N, d] of one d, got {tuple(real.shape)} and "
+                       f"{tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise FIDError(f"precision/recall with k = {k} needs more than {k} images in each set, "
+                       f"got {len(real)} and {len(fake)}")
+
+    def radii(x):  # distance to the k-th nearest other point: the (k+1)-th smallest, counting itself
+        return torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch_size)])
+
+    def covered(points, centres, r):
+        return torch.cat([(torch.cdist(b, centres) <= r).any(dim=1) for b in points.split(batch_size)])
+
+    precision = covered(fake, real, radii(real)).double().mean().item()
+    recall = covered(real, fake, radii(fake)).double().mean().item()
+    return precision, recall
+
+
 def load_stats(path):
     """mu and sigma from a pytorch-fid .npz."""
     try:
@@ -426,6 +451,8 @@ def main(argv=None):
     p.add_argument("--kid", action="store_true", help="with two folders: KID (mean +- std over subsets) after FID")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (torch-fidelity's default)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped by the smaller set")
+    p.add_argument("--prc", action="store_true", help="with two folders, REAL then GENERATED: precision and recall")
+    p.add_argument("--prc-k", type=int, default=3, help="nearest neighbours for --prc (torch-fidelity's default)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
@@ -438,11 +465,15 @@ def main(argv=None):
     try:
         if args.isc and args.isc.endswith(".npz"):
             raise FIDError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
-        if args.kid and (not args.path or any(x.endswith(".npz") for x in args.path)):
-            raise FIDError("--kid needs two image folders: statistics files hold no features")
+        for flag in ("kid", "prc"):
+            if getattr(args, flag) and (not args.path or any(x.endswith(".npz") for x in args.path)):
+                raise FIDError(f"--{flag} needs two image folders: statistics files hold no features")
+        if args.prc and args.prc_k < 1:
+            raise FIDError(f"--prc-k must be at least 1, got {args.prc_k}")
         if args.kid and (args.kid_subsets < 1 or args.kid_subset_size < 2):
             raise FIDError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
-        stats = [check_input(x, args.splits if args.isc else 2) for x in inputs]
+        need = args.splits if args.isc else max(2, args.prc_k + 1 if args.prc else 2)
+        stats = [check_input(x, need) for x in inputs]
         model = None if all(s is not None for s in stats) else load_inception(args.weights, args.device)
         acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers)
                 for x, s in zip(inputs, stats)]
@@ -459,6 +490,9 @@ def main(argv=None):
             if args.kid:
                 mean, std = kernel_inception_distance(acts[0][0], acts[1][0], args.kid_subsets, args.kid_subset_size)
                 print(f"KID: {mean:.6f} +- {std:.6f}")
+            if args.prc:
+                precision, recall = precision_recall(acts[0][0], acts[1][0], args.prc_k)
+                print(f"precision: {precision:.4f}\nrecall: {recall:.4f}")
     except (FIDError, ValueError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 1

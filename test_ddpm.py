@@ -801,6 +801,29 @@ def test_fid_command_line_kid(tmp_path, inception_weights, inception, capsys):
     fid.save_stats(tmp_path / "s.npz", np.ones(3), np.eye(3))
     assert fid.main([str(tmp_path / "s.npz"), str(b), "--kid", "--weights", str(inception_weights)]) == 1
     assert "statistics files hold no features" in capsys.readouterr().err
+    assert fid.main([str(a), str(b), "--prc", "--prc-k", "2", "--weights", str(inception_weights), "--num-workers", "0"]) == 0
+    precision, recall = fid.precision_recall(fa, fb, k=2)
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [f"precision: {precision:.4f}", f"recall: {recall:.4f}"]
+
+
+def test_precision_recall_is_the_k_nearest_neighbour_manifold_test():
+    g = np.random.default_rng(1)
+    real, fake = g.normal(size=(30, 4)), g.normal(size=(25, 4)) * 1.5 + 0.8
+
+    def inside(points, centres, k):  # the definition, point by point
+        radius = [sorted(np.linalg.norm(centres - c, axis=1))[k] for c in centres]  # [0] is the point itself
+        return np.mean([any(np.linalg.norm(p - c) <= r for c, r in zip(centres, radius)) for p in points])
+
+    for k in (1, 3, 5):
+        assert fid.precision_recall(real, fake, k) == pytest.approx((inside(fake, real, k), inside(real, fake, k)), abs=1e-12)
+    precision, recall = fid.precision_recall(real, fake, 3)
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert fid.precision_recall(real, real) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert fid.precision_recall(real, fake, batch_size=7) == (precision, recall)  # chunking changes nothing
+    assert fid.precision_recall(real, real[:20])[0] == 1.0  # a subset of the real set lies inside it
+    with pytest.raises(fid.FIDError, match="more than 3"):
+        fid.precision_recall(real[:3], fake)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "one image", "bad npz"])
