@@ -39,6 +39,20 @@ def _on(device, *coefs):
     return [c.float().to(device) for c in coefs]
 
 
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x) per element for data on the 8-bit grid in [-1, 1] under N(mean, e^(2 log_scale)) integrated
+    over x's bin of width 2/255, the end bins reaching to -inf and +inf (Ho et al. section 3.3, eq. 13)."""
+    lo, hi = (x - mean - 1 / 255) / log_scale.exp(), (x - mean + 1 / 255) / log_scale.exp()
+    middle = torch.log((torch.special.ndtr(hi) - torch.special.ndtr(lo)).clamp(min=1e-12))
+    return torch.where(x < -0.999, torch.special.log_ndtr(hi),
+                       torch.where(x > 0.999, torch.special.log_ndtr(-lo), middle))
+
+
 def _central_slopes(y):
     """dy/di at each index of a 1-D sequence: central differences inside, one-sided at the two ends."""
     if len(y) < 2:
@@ -584,6 +598,38 @@ class Diffusion(ScoreSDE):
 
     def langevin_alpha(self, t):
         return torch.exp(-self._log_alphas_cumprod_at(t)[1])  # about 1 - beta_t at the integers
+
+    @torch.inference_mode()
+    def vlb_bits_per_dim(self, model, x0, variance="beta", clip_x0=True, generator=None, progress=None):
+        """The variational bound on -log p(x0) (Ho et al. eq. 5) in bits/dim, per image: "prior" L_T =
+        KL(q(x_T | x0) || N(0, I)), "kl" the sum over t >= 1 of KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)),
+        "decoder" L_0 = -log p(x0 | x_1) with the discretised Gaussian, and "total". Each term at one
+        x_t ~ q(x_t | x0), as improved-diffusion's calc_bpd_loop; p's variance is beta_t ("beta", with
+        beta-tilde at t = 0 as there) or beta-tilde_t ("posterior"). x0: 8-bit values in [-1, 1]. T model calls.
+        """
+        if variance not in ("beta", "posterior"):
+            raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+        x0 = x0.to(self.betas.device, torch.float32)
+        B, bits = x0.shape[0], 1 / (x0[0].numel() * math.log(2))
+        logvar = (torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]])) if variance == "beta"
+                  else self.posterior_log_variance_clipped)
+        per_image = lambda v: v.flatten(1).sum(1) * bits
+        kl, decoder = x0.new_zeros(B), None
+        for n, i in enumerate(reversed(range(self.T))):
+            t = torch.full((B,), i, device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t, torch.randn(x0.shape, generator=generator, device=x0.device))
+            x0_hat = self.predict_x0(x_t, t, model(x_t, t))
+            mean = self.q_posterior(x0_hat.clamp(-1, 1) if clip_x0 else x0_hat, x_t, t)[0]  # p's mean
+            if i == 0:
+                decoder = -per_image(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar[0]))
+            else:
+                true_mean, _, true_logvar = self.q_posterior(x0, x_t, t)
+                kl += per_image(normal_kl(true_mean, true_logvar, mean, logvar[i]))
+            if progress:
+                progress(n + 1, self.T)
+        a_T = self.alphas_cumprod[-1]
+        prior = per_image(normal_kl(a_T.sqrt() * x0, torch.log(1 - a_T), torch.zeros_like(x0), torch.zeros_like(x0)))
+        return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
 
     def respaced(self, timesteps):
         """The process on the kept `timesteps` (ascending) alone, improved-diffusion's respacing:

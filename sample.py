@@ -3,7 +3,8 @@ DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-
 
     python sample.py runs/demo --n 64                              # 8x8 grid, DPM-Solver++(2M) -> samples.png
     python sample.py runs/ve --sampler pc --steps 500              # a VE run: em, pc or ode
-    python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images
+    python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images (ODE)
+    python sample.py runs/mnist --vlb 100                          # Ho et al.'s variational bound, bits/dim
     python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; also one PNG per image
     python sample.py runs/demo --trajectory strip.png              # rows from x_T to x_0
     python sample.py runs/demo --forward photo.png                 # forward process q(x_t | x_0) of one image
@@ -92,25 +93,47 @@ def generate(args, diffusion, model, shape, x_T=None, trajectory=False):
     return torch.cat(xs), (torch.cat(trajs) if trajectory else None)
 
 
-def negative_log_likelihood(args, ckpt, process, model):
-    """Bits/dim of --nll training images on the 8-bit scale: uniform dequantisation x = (k + u) / 128 - 1
-    of the pixel values k, so -log2 p(k + u) = -log2 p(x) + 7 D (the density of [0, 256) vs [-1, 1))."""
-    cfg, device = ckpt["config"], next(process.buffers()).device
+def training_images(args, ckpt, n):
+    """n training images of the run, picked at random with --seed, as uint8 [n, C, H, W]."""
+    cfg = ckpt["config"]
     size, channels = cfg["model"]["image_size"], cfg["model"]["in_channels"]
     data = (train.load_folder(cfg["data"], size, channels) if cfg["data"]
             else train.demo_shapes(size=size, channels=channels, seed=cfg["seed"]))
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.nll]
-    g = torch.Generator(device).manual_seed(args.seed)
-    bpd = []
-    for i in range(0, len(pick), args.batch_size):
-        k = data[pick[i:i + args.batch_size]].to(device).float()
+    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n]]
+
+
+def mean_and_error(name, values, unit="bits/dim"):
+    """'name: mean +- standard error' of per-image values."""
+    values = values.double()
+    se = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{name}: {values.mean().item():.4f} +- {se:.4f} {unit}"
+
+
+def negative_log_likelihood(args, ckpt, process, model):
+    """Bits/dim of --nll training images on the 8-bit scale: uniform dequantisation x = (k + u) / 128 - 1
+    of the pixel values k, so -log2 p(k + u) = -log2 p(x) + 7 D (the density of [0, 256) vs [-1, 1))."""
+    device = next(process.buffers()).device
+    images, g, bpd = training_images(args, ckpt, args.nll), torch.Generator(device).manual_seed(args.seed), []
+    for i in range(0, len(images), args.batch_size):
+        k = images[i:i + args.batch_size].to(device).float()
         u = torch.rand(k.shape, generator=g, device=device)
         bpd.append(process.bits_per_dim(model, (k + u) / 128 - 1, rtol=args.rtol, atol=args.atol,
                                         hutchinson=args.hutchinson, generator=g).cpu() + 7)
-        print(f"nll: {min(i + args.batch_size, len(pick))}/{len(pick)} images", file=sys.stderr)
-    bpd = torch.cat(bpd).double()
-    se = bpd.std().item() / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
-    print(f"bits/dim: {bpd.mean().item():.4f} +- {se:.4f} (standard error, {len(bpd)} images, 8-bit scale)")
+        print(f"nll: {min(i + args.batch_size, len(images))}/{len(images)} images", file=sys.stderr)
+    print(mean_and_error("bits/dim", torch.cat(bpd), f"(standard error, {len(images)} images, 8-bit scale)"))
+
+
+def variational_bound(args, ckpt, process, model):
+    """Ho et al.'s bound on the discrete NLL (eq. 5) of --vlb training images, in bits/dim, with its terms."""
+    device = next(process.buffers()).device
+    images, g, terms = training_images(args, ckpt, args.vlb), torch.Generator(device).manual_seed(args.seed), []
+    for i in range(0, len(images), args.batch_size):
+        x0 = images[i:i + args.batch_size].to(device).float() / 127.5 - 1
+        terms.append(process.vlb_bits_per_dim(model, x0, variance=args.variance, generator=g,
+                                              progress=make_progress(f"vlb {i + 1}-{i + len(x0)}")))
+    values = {k: torch.cat([t[k].cpu() for t in terms]) for k in ("total", "prior", "kl", "decoder")}
+    print(mean_and_error("VLB bits/dim", values["total"], f"(standard error, {len(images)} images; "
+                         + ", ".join(f"{k} {values[k].mean().item():.4f}" for k in ("prior", "kl", "decoder")) + ")"))
 
 
 def parse_args(argv=None):
@@ -146,6 +169,7 @@ def parse_args(argv=None):
     a("--fid-weights", help="local Inception weights for --fid")
     a("--nll", type=int, metavar="N", help="bits/dim of N training images (8-bit scale, through the ODE)")
     a("--hutchinson", type=int, default=1, help="--nll: Gaussian probes of the divergence (0: exact, slow)")
+    a("--vlb", type=int, metavar="N", help="DDPM runs: Ho et al.'s variational bound (bits/dim) of N training images")
     return p.parse_args(argv)
 
 
@@ -157,14 +181,15 @@ def run(args):
         net.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]["model"]
     c, s = cfg["in_channels"], cfg["image_size"]
-    for name in ("steps", "nll", "n", "batch_size", "corrector_steps"):
+    for name in ("steps", "nll", "vlb", "n", "batch_size", "corrector_steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "corrector_steps" else 1):
             raise train.UserError(f"--{name.replace('_', '-')} must be at least {0 if name == 'corrector_steps' else 1}, got {value}")
     is_ve = isinstance(diffusion, ddpm.VESDE)
     args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
-    if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert):
-        what = f"--sampler {args.sampler}" if args.sampler in DDPM_ONLY else ("--forward" if args.forward else "--invert")
+    if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert or args.vlb):
+        what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
+                else f"--sampler {args.sampler}")
         raise train.UserError(f"{what} needs a DDPM checkpoint; {args.run} is a VE run: use --sampler em, pc or ode")
     print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
           f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
@@ -172,6 +197,9 @@ def run(args):
         raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
     if args.nll:
         negative_log_likelihood(args, ckpt, diffusion, net)
+        return
+    if args.vlb:
+        variational_bound(args, ckpt, diffusion, net)
         return
     if args.fid:  # check the reference and the weights before spending time on sampling
         ref = fid.check_input(args.fid, 2)

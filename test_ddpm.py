@@ -505,6 +505,47 @@ def test_vp_ode_on_a_network_agrees_with_ddim_with_all_steps():
     assert err < 0.01 and err < (coarse - ddim).abs().max().item() / 3 and nfe < 1000  # fewer calls than DDIM's
 
 # ----------------------------------------------------------------------------------------------
+# DDPM's variational bound in bits/dim
+
+
+def eight_bit(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def test_vlb_prior_term_is_the_closed_form_kl():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 50))
+    x0 = eight_bit(MU + SD * torch.randn(4, 1, 4, 4, generator=gen()))
+    out = d.vlb_bits_per_dim(lambda x, t: torch.zeros_like(x), x0, generator=gen(1))
+    a = d.alphas_cumprod64[-1].item()  # KL(N(sqrt(a) x0, 1 - a) || N(0, 1)) per dimension, in bits
+    kl = 0.5 * (-1 - math.log(1 - a) + (1 - a) + a * x0.double() ** 2) / math.log(2)
+    assert torch.allclose(out["prior"].double(), kl.flatten(1).mean(1), rtol=1e-5)
+    assert torch.allclose(out["total"], out["prior"] + out["kl"] + out["decoder"])
+
+
+def test_vlb_of_a_model_that_knows_x0_is_its_decoder_term_alone():
+    """The true noise makes p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0) with beta-tilde: every KL is 0, and the
+    decoder is N(x0, beta-tilde_1) integrated over each pixel's 8-bit bin."""
+    d = ddpm.Diffusion(ddpm.make_betas("cosine", 100))
+    x0 = eight_bit(torch.rand(3, 1, 6, 6, generator=gen()) * 2.2 - 1.1)  # some pixels at -1 and 1
+    knows = lambda x, t: (x - ddpm.extract(d.sqrt_alphas_cumprod, t, x.shape) * x0) \
+        / ddpm.extract(d.sqrt_one_minus_alphas_cumprod, t, x.shape)
+    out = d.vlb_bits_per_dim(knows, x0, variance="posterior", clip_x0=False, generator=gen(1))
+    assert out["kl"].abs().max() < 1e-4
+    z = (1 / 255) / d.posterior_variance[1].double().sqrt()
+    inside = torch.special.ndtr(z) - torch.special.ndtr(-z)
+    per_pixel = torch.where(x0.double().abs() > 0.999, -torch.special.log_ndtr(z), -torch.log(inside))
+    assert torch.allclose(out["decoder"].double(), per_pixel.flatten(1).mean(1) / math.log(2), rtol=1e-4)
+
+
+def test_vlb_falls_as_the_model_improves_to_the_exact_predictor():
+    d = ddpm.Diffusion(ddpm.make_betas("cosine", 100))
+    x0 = eight_bit(MU + SD * torch.randn(64, 1, 4, 4, generator=gen()))
+    oracle = gaussian_oracle(d)
+    totals = [d.vlb_bits_per_dim(lambda x, t: w * oracle(x, t), x0, generator=gen(1))["total"].mean().item()
+              for w in (0.0, 0.5, 0.9, 1.0)]
+    assert all(math.isfinite(v) for v in totals) and totals == sorted(totals, reverse=True), totals
+
+# ----------------------------------------------------------------------------------------------
 # U-Net and EMA
 
 
@@ -1128,7 +1169,7 @@ def test_a_ve_run_records_its_process_and_samples_with_the_sde_samplers(tmp_path
                             "--n", "2", "--grid", str(tmp_path / f"{sampler}.png")]) == 0
         assert Image.open(tmp_path / f"{sampler}.png").size == (2 * 18 + 2, 18 + 2)
     assert "model calls" in capsys.readouterr().err  # the ODE says what it cost
-    for bad in (["--sampler", "ddim"], ["--sampler", "dpm++"], ["--invert", "a.png", "b.png"]):
+    for bad in (["--sampler", "ddim"], ["--sampler", "dpm++"], ["--invert", "a.png", "b.png"], ["--vlb", "2"]):
         assert sample.main([str(ve_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "VE run" in err[0] and not (tmp_path / "no.png").exists()
@@ -1147,6 +1188,17 @@ def test_sample_nll_is_bits_per_dim_of_dequantised_training_images_on_the_8_bit_
     u = torch.rand(k.shape, generator=g)
     bpd = process.bits_per_dim(ema.model.eval(), (k + u) / 128 - 1, rtol=1e-3, atol=1e-3, generator=g) + 7
     assert value == pytest.approx(bpd.mean().item(), abs=1e-4) and se == pytest.approx(bpd.std().item() / math.sqrt(3), abs=1e-4)
+
+
+def test_sample_vlb_prints_the_bound_of_training_images_and_its_terms(trained_run, capsys):
+    assert sample.main([str(trained_run), "--vlb", "3", "--seed", "2"]) == 0
+    out = capsys.readouterr().out.strip()
+    ckpt, _, ema, process = train.load_checkpoint(trained_run)
+    data = train.load_folder(ckpt["config"]["data"], 16, 3)
+    x0 = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(2))[:3]].float() / 127.5 - 1
+    terms = process.vlb_bits_per_dim(ema.model.eval(), x0, generator=torch.Generator().manual_seed(2))
+    assert out.startswith(f"VLB bits/dim: {terms['total'].mean().item():.4f} +- ")
+    assert f"prior {terms['prior'].mean().item():.4f}, kl {terms['kl'].mean().item():.4f}" in out
 
 
 @pytest.mark.parametrize("sampler,extra", [("dpm++", ["--order", "3"]), ("ddpm", ["--steps", "7"]),
