@@ -1,12 +1,14 @@
-"""fid.py: Frechet Inception Distance and Inception Score that give pytorch-fid's numbers.
+"""fid.py: FID with pytorch-fid's numbers; Inception Score, KID and precision/recall with torch-fidelity's.
 
 FID (Heusel et al. 2017) compares the mean and covariance of Inception-v3 pool3 features of two
 image sets. The network is the TensorFlow 2015-12-05 Inception graph as ported by pytorch-fid,
 with its FID-specific blocks, and loads pytorch-fid's published weights file unchanged (fetched
-once by torch.hub into its cache). Preprocessing is pytorch-fid's: RGB in [0, 1] (grey replicated),
-bilinear resize to 299x299 on floats (align_corners=False, no antialias), scaled to [-1, 1].
-Inception Score (Salimans et al. 2016) uses the same network's 1008-way logits without the fc
-bias, as torch-fidelity does.
+once by torch.hub into its cache). FID's preprocessing is pytorch-fid's: RGB in [0, 1] (grey
+replicated), bilinear resize to 299x299 on floats (align_corners=False, no antialias), scaled to
+[-1, 1]. The Inception Score (Salimans et al. 2016) feeds the network as torch-fidelity does:
+TensorFlow 1's bilinear resize (no half-pixel offset) on [0, 255], then (x - 128) / 128, and takes
+the 1008-way logits without the fc bias. KID (Binkowski et al. 2018) and precision/recall
+(Kynkaanniemi et al. 2019) use pool3 features with torch-fidelity's definitions and defaults.
 
     python fid.py real/ generated/                      # FID of two image folders
     python fid.py --save-stats real/ real.npz           # save mu and sigma (pytorch-fid's format)
@@ -152,9 +154,26 @@ class InceptionE(nn.Module):
                           self.branch_pool(pooled)], 1)
 
 
+def resize_bilinear_tf1(x, size):
+    """Bilinear resize of float images [N, C, H, W] to size x size as TensorFlow 1's resize_bilinear
+    (align_corners=False, no half-pixel offset), in float32 like it: output pixel i reads the source
+    coordinate i * in / out, and each value is top + (bottom - top) * y_frac after the same blend along x."""
+    def axis(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.floor()
+        return lo.long(), torch.clamp(src.ceil(), max=n_in - 1).long(), src - lo
+
+    (r0, r1, fy), (c0, c1, fx) = axis(x.shape[2]), axis(x.shape[3])
+    top, bottom = x[:, :, r0], x[:, :, r1]
+    top = top[..., c0] + (top[..., c1] - top[..., c0]) * fx
+    bottom = bottom[..., c0] + (bottom[..., c1] - bottom[..., c0]) * fx
+    return top + (bottom - top) * fy[:, None]
+
+
 class FIDInceptionV3(nn.Module):
-    """Inception-v3 of the FID reference graph: images [N, 3, H, W] in [0, 1] ->
-    (pool3 features [N, 2048], logits without bias [N, 1008])."""
+    """Inception-v3 of the FID reference graph: images [N, 3, H, W] -> (pool3 features [N, 2048],
+    logits without bias [N, 1008]). Input in [0, 1], resized as pytorch-fid does (FID); or, with
+    isc_input, in [0, 255], resized as torch-fidelity does for the Inception Score."""
 
     def __init__(self):
         super().__init__()
@@ -176,9 +195,11 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008)
 
-    def forward(self, x):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+    def forward(self, x, isc_input=False):
+        if isc_input:  # torch-fidelity: TF1-compatible resize on [0, 255], then (x - 128) / 128
+            x = (resize_bilinear_tf1(x, 299) - 128) / 128
+        else:  # pytorch-fid: bilinear with half-pixel centres on [0, 1], then [-1, 1]
+            x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, kernel_size=3, stride=2)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
@@ -279,9 +300,10 @@ def tensor_batches(x, batch_size=50):
 
 
 @torch.inference_mode()
-def get_activations(batches, model, progress=None):
+def get_activations(batches, model, progress=None, isc_input=False):
     """Run uint8 image batches (tensors [B, C, H, W] or lists of [C, H, W], C = 1 or 3, any size)
-    through the network. Returns float64 arrays (pool3 [N, 2048], logits [N, 1008])."""
+    through the network (isc_input: the Inception Score's input path). Returns float64 arrays
+    (pool3 [N, 2048], logits [N, 1008])."""
     device = next(model.parameters()).device
     feats, logits, n = [], [], 0
     for batch in batches:
@@ -290,8 +312,9 @@ def get_activations(batches, model, progress=None):
         same = all(im.shape == batch[0].shape for im in batch)
         groups = [torch.stack(batch)] if same else [im[None] for im in batch]
         for g in groups:
-            x = g.to(device).float().div_(255).expand(-1, 3, -1, -1)
-            f, lg = model(x.contiguous(memory_format=torch.channels_last))
+            x = g.to(device).float().expand(-1, 3, -1, -1)
+            x = x if isc_input else x / 255
+            f, lg = model(x.contiguous(memory_format=torch.channels_last), isc_input=isc_input)
             feats.append(f.double().cpu())
             logits.append(lg.double().cpu())
         n += len(batch)
@@ -409,12 +432,12 @@ def save_stats(path, mu, sigma):
     np.savez_compressed(path, mu=mu, sigma=sigma)
 
 
-def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False):
+def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False, isc_input=False):
     """pool3 features and logits of every readable image under folder (progress on stderr)."""
     skipped = [0]
     tty = sys.stderr.isatty() and not quiet
     show = (lambda n: print(f"\r{folder}: {n} images", end="", file=sys.stderr)) if tty else None
-    feats, logits = get_activations(folder_batches(folder, batch_size, num_workers, skipped), model, show)
+    feats, logits = get_activations(folder_batches(folder, batch_size, num_workers, skipped), model, show, isc_input)
     if not quiet:
         print(("\r" if tty else "") + f"{folder}: {feats.shape[0]} images"
               + (f" ({skipped[0]} unreadable, skipped)" if skipped[0] else ""), file=sys.stderr)
@@ -475,7 +498,8 @@ def main(argv=None):
         need = args.splits if args.isc else max(2, args.prc_k + 1 if args.prc else 2)
         stats = [check_input(x, need) for x in inputs]
         model = None if all(s is not None for s in stats) else load_inception(args.weights, args.device)
-        acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers)
+        acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers,
+                                                              isc_input=bool(args.isc))
                 for x, s in zip(inputs, stats)]
         if args.isc:
             mean, std = inception_score(acts[0][1], args.splits)

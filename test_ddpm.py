@@ -701,6 +701,21 @@ def test_frechet_distance_of_singular_covariances_is_finite():
     assert fid.frechet_distance(np.zeros(3), s, np.ones(3), s) == pytest.approx(3.0, abs=1e-4)
 
 
+def test_inception_score_resize_is_tensorflow_1s_bilinear():
+    """TF1 resize_bilinear without half-pixel centres: output i reads source i * in / out (here i / 2),
+    the last neighbour clamped; rows [0, 100] and [200, 255] worked by hand."""
+    x = torch.tensor([[[[0.0, 100.0], [200.0, 255.0]]]])
+    expected = torch.tensor([[0.0, 50.0, 100.0, 100.0], [100.0, 138.75, 177.5, 177.5],
+                             [200.0, 227.5, 255.0, 255.0], [200.0, 227.5, 255.0, 255.0]])
+    assert torch.equal(fid.resize_bilinear_tf1(x, 4)[0, 0], expected)
+    half_pixel = torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
+    assert half_pixel[0, 0, 0].tolist() == [0.0, 25.0, 75.0, 100.0]  # pytorch-fid's FID resize differs
+    big = torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(1, 3, 5, 7)
+    out = fid.resize_bilinear_tf1(big, 299)  # source 5 -> 299: output row i reads row i * 5 / 299
+    assert out.shape == (1, 3, 299, 299) and torch.equal(out[..., 0, 0], big[..., 0, 0])
+    assert torch.allclose(out[0, 0, 60, 0], big[0, 0, 1, 0] + (60 * 5 / 299 - 1) * (big[0, 0, 2, 0] - big[0, 0, 1, 0]))
+
+
 def test_inception_score_closed_forms():
     n = 12
     assert fid.inception_score(np.zeros((50, 1008)), splits=5) == pytest.approx((1.0, 0.0))
@@ -785,8 +800,9 @@ def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, cap
         out = capsys.readouterr()
         return out.out.strip(), out.err
 
-    fa, (fb, logits_b) = (fid.folder_activations(p, inception, quiet=True) for p in (a, b))
-    mu_a, sigma_a = fid.activation_statistics(fa[0])
+    fa, fb = (fid.folder_activations(p, inception, quiet=True)[0] for p in (a, b))
+    logits_b = fid.folder_activations(b, inception, quiet=True, isc_input=True)[1]  # IS: torch-fidelity's input
+    mu_a, sigma_a = fid.activation_statistics(fa)
     expected = fid_by_eigh(mu_a, sigma_a, *fid.activation_statistics(fb))
     out, err = run(str(a), str(b))
     assert "a: 6 images (1 unreadable, skipped)" in err
@@ -796,6 +812,8 @@ def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, cap
     assert np.allclose(mu, mu_a, rtol=1e-12) and np.allclose(sigma, sigma_a, rtol=1e-12)
     mean, std = fid.inception_score(logits_b, splits=2)
     assert run("--isc", str(b), "--splits", "2")[0] == f"IS: {mean:.4f} +- {std:.4f}"
+    fid_path_logits = fid.folder_activations(b, inception, quiet=True)[1]
+    assert not np.allclose(fid_path_logits, logits_b)  # the two input paths really differ
     # two statistics files need no network; identical ones print exactly 0
     fid.save_stats(tmp_path / "s.npz", np.ones(3), np.diag([1.0, 2.0, 3.0]))
     fid.save_stats(tmp_path / "t.npz", np.zeros(3), np.diag([4.0, 2.0, 3.0]))
