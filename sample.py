@@ -5,6 +5,7 @@ DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-
     python sample.py runs/ve --sampler pc --steps 500              # a VE run: em, pc or ode
     python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images (ODE)
     python sample.py runs/mnist --vlb 100                          # Ho et al.'s variational bound, bits/dim
+    python sample.py runs/faces --n 64 --nearest 4                 # does it copy its training images?
     python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; also one PNG per image
     python sample.py runs/demo --trajectory strip.png              # rows from x_T to x_0
     python sample.py runs/demo --forward photo.png                 # forward process q(x_t | x_0) of one image
@@ -94,7 +95,7 @@ def generate(args, diffusion, model, shape, x_T=None, trajectory=False):
 
 
 def training_images(args, ckpt, n):
-    """n training images of the run, picked at random with --seed, as uint8 [n, C, H, W]."""
+    """n training images of the run (None: all), picked at random with --seed, as uint8 [n, C, H, W]."""
     cfg = ckpt["config"]
     size, channels = cfg["model"]["image_size"], cfg["model"]["in_channels"]
     data = (train.load_folder(cfg["data"], size, channels) if cfg["data"]
@@ -136,6 +137,34 @@ def variational_bound(args, ckpt, process, model):
                          + ", ".join(f"{k} {values[k].mean().item():.4f}" for k in ("prior", "kl", "decoder")) + ")"))
 
 
+def nearest_training_images(samples, images, k, inception=None, batch_size=1000):
+    """For uint8 samples [N, C, H, W], the indices [N, k] of their k nearest training images (uint8
+    [M, C, H, W]) and the distance to the nearest [N], in Inception pool3 features (or pixels without
+    a network); and the median over training images of the distance to their nearest other one."""
+    if inception is not None:
+        a, b = (torch.from_numpy(fid.get_activations(x.split(50), inception)[0]) for x in (samples, images))
+    else:
+        a, b = samples.flatten(1).double(), images.flatten(1).double()
+    d = torch.cdist(a, b)
+    order = d.topk(k, dim=1, largest=False).indices
+    own = torch.cat([torch.cdist(c, b).kthvalue(2, dim=1).values for c in b.split(batch_size)])  # 1st is itself
+    return order, d.gather(1, order[:, :1]).squeeze(1), own.median().item()
+
+
+def memorisation_check(args, x, images, inception):
+    """--nearest: a picture of each sample beside its K nearest training images, and the share of samples
+    closer to a training image than the training set's median nearest-neighbour distance."""
+    samples = fid.to_uint8(x)
+    order, nearest, median = nearest_training_images(samples, images, args.nearest, inception)
+    rows = torch.cat([torch.cat([s[None], images[i]]) for s, i in zip(samples, order)])
+    train.save_grid(rows, args.nearest_grid, nrow=args.nearest + 1)
+    close = (nearest < median).double().mean().item()
+    space = "Inception features" if inception is not None else "pixels (no Inception weights: --fid-weights)"
+    print(f"wrote {args.nearest_grid}: each sample, then its {args.nearest} nearest training images", file=sys.stderr)
+    print(f"nearest: {close:.1%} of {len(samples)} samples are closer to a training image than the median training "
+          f"image is to its nearest neighbour ({median:.4g}, in {space})")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,6 +199,8 @@ def parse_args(argv=None):
     a("--nll", type=int, metavar="N", help="bits/dim of N training images (8-bit scale, through the ODE)")
     a("--hutchinson", type=int, default=1, help="--nll: Gaussian probes of the divergence (0: exact, slow)")
     a("--vlb", type=int, metavar="N", help="DDPM runs: Ho et al.'s variational bound (bits/dim) of N training images")
+    a("--nearest", type=int, metavar="K", help="memorisation check: each sample beside its K nearest training images")
+    a("--nearest-grid", default="nearest.png", help="the picture of --nearest")
     return p.parse_args(argv)
 
 
@@ -181,7 +212,7 @@ def run(args):
         net.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]["model"]
     c, s = cfg["in_channels"], cfg["image_size"]
-    for name in ("steps", "nll", "vlb", "n", "batch_size", "corrector_steps"):
+    for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "corrector_steps" else 1):
             raise train.UserError(f"--{name.replace('_', '-')} must be at least {0 if name == 'corrector_steps' else 1}, got {value}")
@@ -204,6 +235,12 @@ def run(args):
     if args.fid:  # check the reference and the weights before spending time on sampling
         ref = fid.check_input(args.fid, 2)
         inception = fid.load_inception(args.fid_weights, device)
+    if args.nearest:  # the training images and the features' network, before sampling
+        images = training_images(args, ckpt, None)
+        if args.nearest >= len(images):
+            raise train.UserError(f"--nearest {args.nearest}: the run has {len(images)} training images")
+        with_weights = args.fid_weights or Path(fid.weights_cache_path()).is_file()
+        nearest_net = fid.load_inception(args.fid_weights, device) if with_weights else None
 
     if args.forward:  # q(x_t | x_0) at t = 0, T/9, ..., T-1 with one shared noise
         x0 = load_image(args.forward, s, c).to(device)
@@ -248,6 +285,8 @@ def run(args):
         rows = traj[:8, cols]  # (rows, 10, C, H, W)
         train.save_grid(rows.flatten(0, 1), args.trajectory, nrow=10)
         print(f"wrote {args.trajectory}: columns from x_T (left) to x_0 (right)", file=sys.stderr)
+    if args.nearest:
+        memorisation_check(args, x, images, nearest_net)
     if args.fid:
         ref = ref if ref is not None else fid.path_statistics(args.fid, inception)
         feats = fid.get_activations(fid.tensor_batches(x), inception)[0]

@@ -1226,3 +1226,27 @@ def test_sample_fast_samplers_from_the_command_line(tmp_path, trained_run, sampl
     assert sample.main([*args, "--grid", str(tmp_path / "a.png")]) == 0
     assert sample.main([*args, "--grid", str(tmp_path / "b.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_sample_nearest_finds_copies_of_training_images(tmp_path, trained_run, monkeypatch, capsys, inception_weights):
+    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    images = train.load_folder(ckpt["config"]["data"], 16, 3)
+    grid = tmp_path / "near.png"
+    monkeypatch.setattr(fid, "weights_cache_path", lambda: tmp_path / "no-weights.pth")  # pixels, no download
+    assert sample.main([str(trained_run), "--n", "3", "--steps", "3", "--nearest", "2", "--nearest-grid", str(grid),
+                        "--grid", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "of 3 samples" in out and "pixels" in out
+    assert np.asarray(Image.open(grid)).shape == (2 + 3 * 18, 2 + 3 * 18, 3)  # a row each: sample, 2 neighbours
+
+    copies = images[[4, 0, 6]]  # a model that copies its training set: every sample sits on a training image
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: (copies.float() / 127.5 - 1, None))
+    assert sample.main([str(trained_run), "--n", "3", "--nearest", "1", "--nearest-grid", str(grid),
+                        "--grid", str(tmp_path / "g.png"), "--fid-weights", str(inception_weights)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nearest: 100.0% of 3 samples") and "Inception features" in out
+    tiles = np.asarray(Image.open(grid))
+    for row in range(3):  # the nearest training image is the copy itself
+        y = 2 + row * 18
+        assert np.array_equal(tiles[y:y + 16, 2:18], tiles[y:y + 16, 20:36])
+    assert sample.main([str(trained_run), "--nearest", "50"]) == 1
