@@ -378,17 +378,20 @@ class ScoreSDE(nn.Module):
     """
     prior_std = 1.0
 
+    @property
+    def device(self):
+        return next(self.buffers()).device
+
     def langevin_alpha(self, t):
         """Song et al.'s alpha_i in the corrector's step size (Algorithm 5); 1 unless a process says."""
         return torch.ones_like(t)
 
     def _start(self, shape, x_T, generator):
-        device = next(self.buffers()).device
         if x_T is not None:
-            return x_T.to(device, torch.float32)
+            return x_T.to(self.device, torch.float32)
         if shape is None:
             raise ValueError("give shape or x_T")
-        return self.prior_std * torch.randn(tuple(shape), generator=generator, device=device)
+        return self.prior_std * torch.randn(tuple(shape), generator=generator, device=self.device)
 
     def _eps(self, model, x, t):
         return model(x, t.expand(x.shape[0]))
@@ -453,7 +456,7 @@ class ScoreSDE(nn.Module):
         t_end to t_start of div f~(x(t), t), integrated with the state. The divergence is exact
         (D backward passes) when hutchinson = 0, else the Skilling-Hutchinson estimate with that many
         Gaussian probes, fixed along the path. Returns a tensor [B]."""
-        x0 = x0.to(next(self.buffers()).device, torch.float32)
+        x0 = x0.to(self.device, torch.float32)
         B, D = x0.shape[0], x0[0].numel()
         probes = torch.randn((hutchinson, *x0.shape), generator=generator, device=x0.device)
 

@@ -79,7 +79,7 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
 
 def generate(args, diffusion, model, shape, x_T=None, trajectory=False):
     """Samples [N, C, H, W] in [-1, 1] (and the trajectories), in batches of --batch-size."""
-    device = next(diffusion.buffers()).device
+    device = diffusion.device
     g = torch.Generator(device).manual_seed(args.seed)
     n = shape[0] if x_T is None else x_T.shape[0]
     xs, trajs = [], []
@@ -113,7 +113,7 @@ def mean_and_error(name, values, unit="bits/dim"):
 def negative_log_likelihood(args, ckpt, process, model):
     """Bits/dim of --nll training images on the 8-bit scale: uniform dequantisation x = (k + u) / 128 - 1
     of the pixel values k, so -log2 p(k + u) = -log2 p(x) + 7 D (the density of [0, 256) vs [-1, 1))."""
-    device = next(process.buffers()).device
+    device = process.device
     images, g, bpd = training_images(args, ckpt, args.nll), torch.Generator(device).manual_seed(args.seed), []
     for i in range(0, len(images), args.batch_size):
         k = images[i:i + args.batch_size].to(device).float()
@@ -126,7 +126,7 @@ def negative_log_likelihood(args, ckpt, process, model):
 
 def variational_bound(args, ckpt, process, model):
     """Ho et al.'s bound on the discrete NLL (eq. 5) of --vlb training images, in bits/dim, with its terms."""
-    device = next(process.buffers()).device
+    device = process.device
     images, g, terms = training_images(args, ckpt, args.vlb), torch.Generator(device).manual_seed(args.seed), []
     for i in range(0, len(images), args.batch_size):
         x0 = images[i:i + args.batch_size].to(device).float() / 127.5 - 1
@@ -204,6 +204,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args, is_ve):
+    """Bad numbers, and options that do not apply to the run's process, as one UserError line."""
+    for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
+        value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
+        if value is not None and value < least:
+            raise train.UserError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
+    if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert or args.vlb):
+        what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
+                else f"--sampler {args.sampler}")
+        raise train.UserError(f"{what} needs a DDPM checkpoint; {args.run} is a VE run: use --sampler em, pc or ode")
+    if args.trajectory and args.sampler == "ode":
+        raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
+
+
 def run(args):
     device = torch.device(args.device)
     ckpt, model, ema, diffusion = train.load_checkpoint(args.run, device)
@@ -212,20 +227,10 @@ def run(args):
         net.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]["model"]
     c, s = cfg["in_channels"], cfg["image_size"]
-    for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "corrector_steps" else 1):
-            raise train.UserError(f"--{name.replace('_', '-')} must be at least {0 if name == 'corrector_steps' else 1}, got {value}")
     is_ve = isinstance(diffusion, ddpm.VESDE)
-    args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
-    if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert or args.vlb):
-        what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
-                else f"--sampler {args.sampler}")
-        raise train.UserError(f"{what} needs a DDPM checkpoint; {args.run} is a VE run: use --sampler em, pc or ode")
+    check_args(args, is_ve)
     print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
           f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
-    if args.trajectory and args.sampler == "ode":
-        raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
     if args.nll:
         negative_log_likelihood(args, ckpt, diffusion, net)
         return
