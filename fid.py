@@ -235,6 +235,34 @@ def load_inception(weights=None, device="cpu"):
 # images
 
 
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it over path: an interrupted or failed
+    write (a kill, a full disk) leaves the previous file whole and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def image_format(path):
+    """Pillow's format name for path's extension; FIDError for one Pillow cannot write."""
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise FIDError(f"{path}: cannot write images with the extension {ext or '(none)'!r}; use .png")
+    return fmt
+
+
+def save_image(array, path):
+    """A uint8 array [H, W] or [H, W, 3] as an image file, atomically, in the format of path's extension."""
+    fmt = image_format(path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
+
+
 def list_images(folder):
     """Image files under folder, recursively, sorted; FIDError when there is no such folder."""
     folder = Path(folder)
@@ -429,7 +457,11 @@ def load_stats(path):
 
 
 def save_stats(path, mu, sigma):
-    np.savez_compressed(path, mu=mu, sigma=sigma)
+    """mu and sigma as a .npz at exactly `path` (numpy would add .npz to a name without it), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, mu=mu, sigma=sigma)
+    atomic_write(path, write)
 
 
 def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False, isc_input=False):

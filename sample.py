@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import ddpm
 import fid
@@ -205,7 +204,10 @@ def parse_args(argv=None):
 
 
 def check_args(args, is_ve):
-    """Bad numbers, and options that do not apply to the run's process, as one UserError line."""
+    """Bad numbers, picture names and options that do not apply to the run's process, as one line."""
+    for picture in (args.grid, args.trajectory, args.nearest_grid if args.nearest else None):
+        if picture:
+            fid.image_format(picture)  # before any sampling
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
         if value is not None and value < least:
@@ -283,7 +285,7 @@ def run(args):
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(fid.to_uint8(x)):
-            Image.fromarray(im.permute(1, 2, 0).squeeze(2).numpy()).save(Path(args.out) / f"{i:06d}.png")
+            fid.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), Path(args.out) / f"{i:06d}.png")
         print(f"wrote {x.shape[0]} PNGs to {args.out}", file=sys.stderr)
     if args.trajectory:
         cols = torch.linspace(0, traj.shape[1] - 1, 10).round().long()

@@ -951,7 +951,7 @@ def test_training_run_folder_holds_everything(trained_run):
     assert grid.size == (2 * 18 + 2, 2 * 18 + 2) and grid.mode == "RGB"  # 4 samples of 16 px, 2 px padding
     assert Image.open(trained_run / "loss.png").size == (640, 360)
     ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 6 and not (trained_run / "ckpt.pt.tmp").exists()
+    assert ckpt["step"] == 6 and not list(trained_run.rglob("*.tmp"))
     assert set(ckpt) >= {"model", "ema", "optimizer", "step", "epoch", "config", "rng"}
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
 
@@ -1250,3 +1250,30 @@ def test_sample_nearest_finds_copies_of_training_images(tmp_path, trained_run, m
         y = 2 + row * 18
         assert np.array_equal(tiles[y:y + 16, 2:18], tiles[y:y + 16, 20:36])
     assert sample.main([str(trained_run), "--nearest", "50"]) == 1
+
+
+def test_every_file_is_written_atomically_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+    grid = tmp_path / "samples.png"
+    train.save_grid(torch.zeros(4, 3, 8, 8), grid)
+    before = grid.read_bytes()
+
+    def full_disk(self, fp, format=None, **kw):  # writes half a file, then fails as a full disk does
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError):
+        train.save_grid(torch.ones(4, 3, 8, 8), grid)
+    assert grid.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["samples.png"]
+    monkeypatch.undo()
+    fid.save_stats(tmp_path / "stats", np.ones(2), np.eye(2))  # the exact name: numpy would write stats.npz
+    assert (tmp_path / "stats").is_file() and not (tmp_path / "stats.npz").exists()
+    assert np.array_equal(fid.load_stats(tmp_path / "stats")[1], np.eye(2))
+
+
+def test_sample_refuses_a_picture_it_cannot_write_before_sampling(tmp_path, trained_run, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --grid"))
+    for bad in (["--grid", str(tmp_path / "out.xyz")], ["--trajectory", str(tmp_path / "t")]):
+        assert sample.main([str(trained_run), "--n", "2", *bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write images with the extension" in err[0]

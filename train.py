@@ -177,7 +177,7 @@ def save_grid(images, path, nrow=None, pad=2):
         y, x = pad + (k // nrow) * (h + pad), pad + (k % nrow) * (w + pad)
         grid[y:y + h, x:x + w] = im
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    fid.save_image(grid[..., 0] if c == 1 else grid, path)
 
 
 def plot_loss(log_path, png_path, width=640, height=360):
@@ -206,7 +206,7 @@ def plot_loss(log_path, png_path, width=640, height=360):
     d.text(((left + right) // 2 - 40, height - 16), "step (loss, log)", fill="black")
     d.line([(px(s), py(v)) for s, v in zip(steps, loss)], fill=(190, 205, 235))
     d.line([(px(s), py(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 160), width=2)
-    im.save(png_path)
+    fid.atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints
@@ -214,9 +214,7 @@ def plot_loss(log_path, png_path, width=640, height=360):
 
 def save_checkpoint(path, state):
     """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    fid.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -416,15 +414,17 @@ def train(args):
 
     # -- the run folder ----------------------------------------------------------------------
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    fid.atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
     log_path = out / "log.csv"
     rows = []
     if ckpt is not None and log_path.exists():  # drop rows logged after the checkpoint was saved
         with open(log_path) as f:
             rows = [r for r in csv.reader(f)][1:]
         rows = [r for r in rows if int(r[0]) <= step]
-    with open(log_path, "w", newline="") as f:
-        csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
+    def write_log(tmp):  # the kept rows, atomically; later rows are appended as training goes
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
+    fid.atomic_write(log_path, write_log)
 
     def checkpoint():
         if not all(torch.isfinite(p).all() for p in model.parameters()):
