@@ -207,10 +207,17 @@ class UNet(nn.Module):
             raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
         if norm not in ("group", "batch"):
             raise ValueError(f"norm must be 'group' or 'batch', got {norm!r}")
+        if base_channels < 1 or num_res_blocks < 1 or not channel_mults or min(channel_mults) < 1:
+            raise ValueError(f"base_channels, num_res_blocks and every channel_mult must be at least 1, got "
+                             f"{base_channels}, {num_res_blocks} and {tuple(channel_mults)}")
         factor = 2 ** (len(channel_mults) - 1)
         if image_size % factor:
             raise ValueError(f"image_size {image_size} is not divisible by {factor} "
                              f"({len(channel_mults) - 1} downsamplings for channel_mults {tuple(channel_mults)})")
+        resolutions = [image_size // 2 ** level for level in range(len(channel_mults))]
+        if set(attn_resolutions) - set(resolutions):
+            raise ValueError(f"attention resolutions {sorted(set(attn_resolutions) - set(resolutions))} are not among "
+                             f"this U-Net's resolutions {resolutions}")
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout,

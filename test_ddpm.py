@@ -1072,15 +1072,39 @@ def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkey
     (["--channel-mults", "1,x"], "comma-separated integers"),
     (["--out", "EXISTING"], "holds a run already"),
     (["--resume", "/no/such/run"], "no such checkpoint"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--sample-n", "0"], "--sample-n must be at least 1"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
+    (["--T", "0"], "--T must be at least 1"),
+    (["--T", "-5"], "--T must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "-3"], "--steps must be at least 1"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--dropout", "nan"], "--dropout must be at least 0"),
+    (["--channel-mults", "0,0"], "every channel_mult must be at least 1"),
+    (["--beta-start", "0.05", "--beta-end", "0.01"], "0 < --beta-start < --beta-end < 1"),
+    (["--attn-resolutions", "3"], "attention resolutions [3] are not among"),
+    (["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "--device"),
+    (["--process", "ve", "--sigma", "0.5"], "sigma must be a number above 1"),
+    (["--out", "FILE"], "a file, not a folder"),
+    (["--out", "USERS"], "not empty and is not a run of train.py"),
 ])
 def test_train_bad_input_is_one_line(tmp_path, trained_run, capsys, argv, message):
     (tmp_path / "empty").mkdir()
-    argv = [{"EMPTY": str(tmp_path / "empty"), "EXISTING": str(trained_run)}.get(a, a) for a in argv]
+    (tmp_path / "file").write_text("a file of the user's")
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "config.json").write_text("the user's own config")
+    places = {"EMPTY": tmp_path / "empty", "EXISTING": trained_run, "FILE": tmp_path / "file", "USERS": tmp_path / "users"}
+    argv = [str(places.get(a, a)) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "r")]
     assert train.main([*TINY, *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train.py: error:") and message in err[-1]
+    assert err[-1].startswith("train.py: error:") and message in err[-1], err
+    assert (tmp_path / "users" / "config.json").read_text() == "the user's own config"  # nothing of theirs lost
+    assert not (tmp_path / "r").exists() or "--data" in argv  # checked before the run folder is made
 
 
 def test_train_error_has_no_traceback_from_the_shell(tmp_path):
@@ -1277,3 +1301,11 @@ def test_sample_refuses_a_picture_it_cannot_write_before_sampling(tmp_path, trai
         assert sample.main([str(trained_run), "--n", "2", *bad]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write images with the extension" in err[0]
+
+
+def test_a_presets_attention_missing_at_this_size_is_dropped_with_a_note(capsys):
+    cfg = train.run_config(train.parse_args(["--image-size", "28"]))["model"]
+    assert cfg["attn_resolutions"] == [] and "attention at [8] does not exist at 28 px" in capsys.readouterr().err
+    assert train.run_config(train.parse_args([]))["model"]["attn_resolutions"] == [8]
+    with pytest.raises(ValueError, match="not among"):
+        train.run_config(train.parse_args(["--image-size", "28", "--attn-resolutions", "8"]))

@@ -291,6 +291,52 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
+                "base_channels", "num_res_blocks", "steps")
+AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout")
+
+
+def check_args(args):
+    """Numbers, the device and the run folder, checked before any data is read: one UserError line."""
+    for names, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and value >= least):
+                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if args.fid_samples < 2:
+        raise UserError(f"--fid-samples must be at least 2 (a covariance), got {args.fid_samples}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.schedule == "linear" and not 0 < args.beta_start < args.beta_end < 1:
+        raise UserError(f"the linear schedule needs 0 < --beta-start < --beta-end < 1, got {args.beta_start} "
+                        f"and {args.beta_end}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA device")
+
+
+def prepare_out(out):
+    """A new run's folder: created if missing; refused when it is a file, holds a run, or holds anything
+    else (a folder of the user's: we would overwrite its config.json and log.csv)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder")
+    if (out / "ckpt.pt").exists():
+        raise UserError(f"{out} holds a run already: --resume {out}, or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out}: the folder is not empty and is not a run of train.py; choose a new one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fid.atomic_write(out / ".write-test", lambda tmp: tmp.write_bytes(b""))
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def run_config(args):
     """The run's configuration (model included) from the command line."""
     cfg = dict(ddpm.PRESETS[args.preset])
@@ -306,6 +352,13 @@ def run_config(args):
                                        else [int(r) for r in args.attn_resolutions.split(",")])
     except ValueError:
         raise UserError("--channel-mults and --attn-resolutions take comma-separated integers") from None
+    if not args.attn_resolutions:  # the preset's attention where this image size has that resolution
+        levels = [cfg["image_size"] // 2 ** i for i in range(len(cfg["channel_mults"]))]
+        dropped = [r for r in cfg["attn_resolutions"] if r not in levels]
+        cfg["attn_resolutions"] = [r for r in cfg["attn_resolutions"] if r in levels]
+        if dropped and cfg["image_size"] % 2 ** (len(cfg["channel_mults"]) - 1) == 0:
+            print(f"note: the {args.preset} preset's attention at {dropped} does not exist at {cfg['image_size']} px "
+                  f"(resolutions {levels}); --attn-resolutions sets it", file=sys.stderr)
     cfg.update(in_channels=args.channels, activation=args.act, norm=args.norm)
     if args.process == "ve":  # t in (0, 1]: see UNet.forward
         cfg["time_scale"] = 1000.0
@@ -351,6 +404,7 @@ def progress_line(step, total, epoch, loss, ips, eta_s):
 
 def train(args):
     # -- configuration: a resumed run takes everything from its checkpoint --------------------
+    check_args(args)
     device = torch.device(args.device)
     if args.resume:
         ckpt, model, ema, diffusion = load_checkpoint(args.resume, device)
@@ -359,8 +413,7 @@ def train(args):
             cfg["steps"] = args.steps
     else:
         cfg, out, ckpt = run_config(args), Path(args.out), None
-        if (out / "ckpt.pt").exists():
-            raise UserError(f"{out} holds a run already: --resume {out}, or choose another --out")
+        prepare_out(out)
     mcfg = cfg["model"]
     torch.manual_seed(cfg["seed"])
 
@@ -531,7 +584,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (UserError, ValueError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     return 0
