@@ -382,6 +382,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def checked_fid(mu1, sigma1, mu2, sigma2):
+    """frechet_distance, refusing statistics with NaN or inf (they would print as FID: nan) and
+    rounding a tiny negative result (identical sets, -1e-9) up to 0."""
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise FIDError("the statistics hold NaN or inf values: no FID")
+    return max(frechet_distance(mu1, sigma1, mu2, sigma2), 0.0)
+
+
 def inception_score(logits, splits=10, shuffle=True, seed=2020):
     """exp(E_x KL(p(y|x) || p(y))) with p(y) the mean over each split; returns (mean, std) over
     `splits` splits, shuffled with numpy's RandomState(seed) as torch-fidelity does."""
@@ -518,6 +526,8 @@ def main(argv=None):
         p.error("give two paths, or --save-stats FOLDER OUT_NPZ, or --isc FOLDER")
     inputs = [args.isc] if args.isc else [args.save_stats[0]] if args.save_stats else args.path
     try:
+        if args.splits < 1 or args.batch_size < 1 or args.num_workers < 0:
+            raise FIDError("--splits and --batch-size must be at least 1, --num-workers at least 0")
         if args.isc and args.isc.endswith(".npz"):
             raise FIDError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
         for flag in ("kid", "prc"):
@@ -541,15 +551,15 @@ def main(argv=None):
         if args.save_stats:
             save_stats(args.save_stats[1], *stats[0])
             print(f"saved {args.save_stats[1]}", file=sys.stderr)
-        else:  # FID is >= 0; rounding can leave identical sets at -1e-9, which would print as -0.0000
-            print(f"FID: {max(frechet_distance(*stats[0], *stats[1]), 0.0):.4f}")
+        else:
+            print(f"FID: {checked_fid(*stats[0], *stats[1]):.4f}")
             if args.kid:
                 mean, std = kernel_inception_distance(acts[0][0], acts[1][0], args.kid_subsets, args.kid_subset_size)
                 print(f"KID: {mean:.6f} +- {std:.6f}")
             if args.prc:
                 precision, recall = precision_recall(acts[0][0], acts[1][0], args.prc_k)
                 print(f"precision: {precision:.4f}\nrecall: {recall:.4f}")
-    except (FIDError, ValueError) as e:
+    except (FIDError, ValueError, OSError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -208,6 +208,12 @@ def check_args(args, is_ve):
     for picture in (args.grid, args.trajectory, args.nearest_grid if args.nearest else None):
         if picture:
             fid.image_format(picture)  # before any sampling
+    for name, ok, rule in (("eta", lambda v: v >= 0, "a number >= 0"), ("mix", lambda v: True, "a number"),
+                           ("snr", lambda v: v > 0, "a number > 0"), ("rtol", lambda v: v > 0, "a number > 0"),
+                           ("atol", lambda v: v > 0, "a number > 0")):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise train.UserError(f"--{name} must be {rule}, got {value}")
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
         if value is not None and value < least:
@@ -297,14 +303,14 @@ def run(args):
     if args.fid:
         ref = ref if ref is not None else fid.path_statistics(args.fid, inception)
         feats = fid.get_activations(fid.tensor_batches(x), inception)[0]
-        print(f"FID: {fid.frechet_distance(*fid.activation_statistics(feats), *ref):.4f}")
+        print(f"FID: {fid.checked_fid(*fid.activation_statistics(feats), *ref):.4f}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (train.UserError, fid.FIDError, ValueError) as e:
+    except (train.UserError, fid.FIDError, ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1309,3 +1309,32 @@ def test_a_presets_attention_missing_at_this_size_is_dropped_with_a_note(capsys)
     assert train.run_config(train.parse_args([]))["model"]["attn_resolutions"] == [8]
     with pytest.raises(ValueError, match="not among"):
         train.run_config(train.parse_args(["--image-size", "28", "--attn-resolutions", "8"]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eta", "nan"], "--eta must be a number >= 0"), (["--mix", "nan"], "--mix must be a number"),
+    (["--snr", "0"], "--snr must be a number > 0"), (["--rtol", "-1"], "--rtol must be a number > 0"),
+    (["--steps", "0"], "--steps must be at least 1"), (["--n", "0"], "--n must be at least 1"),
+])
+def test_sample_bad_numbers_are_one_line_before_sampling(tmp_path, trained_run, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled with a bad number"))
+    assert sample.main([str(trained_run), *argv, "--grid", str(tmp_path / "g.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "g.png").exists()
+
+
+def test_fid_never_prints_nan_as_a_result(tmp_path, capsys):
+    fid.save_stats(tmp_path / "a.npz", np.ones(3), np.eye(3))
+    fid.save_stats(tmp_path / "nan.npz", np.array([1.0, np.nan, 0.0]), np.eye(3))
+    assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "nan.npz")]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "NaN or inf" in out.err
+    assert fid.main(["--isc", str(tmp_path), "--splits", "0"]) == 1
+    assert "--splits" in capsys.readouterr().err
+
+
+def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ddpm.Diffusion, "loss", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    assert train.main([*TINY, "--out", str(tmp_path / "r"), "--steps", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss is nan at step 0" in err and "no checkpoint had been saved yet" in err

@@ -539,8 +539,10 @@ def train(args):
                 loss = diffusion.loss(fwd, x0, cfg["loss"])
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at step {step}: training stopped; {out / 'ckpt.pt'} holds "
-                                "the last good state (try a lower --lr, --grad-clip or no --amp)")
+                saved = (f"{out / 'ckpt.pt'} holds the last good state" if (out / "ckpt.pt").exists()
+                         else "no checkpoint had been saved yet")
+                raise UserError(f"loss is {loss_value} at step {step}: training stopped; {saved} "
+                                "(try a lower --lr, --grad-clip or no --amp)")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg["grad_clip"]:
