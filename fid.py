@@ -271,11 +271,24 @@ def list_images(folder):
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def to_8bit(im):
+    """Pillow's 16-bit ("I;16*", or "I" holding values above 255) and float ("F", [0, 1]) grey images scaled
+    from their real range to 8 bits: convert() would clip them at 255, turning most of the image white."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        a = a * 255 if a.max(initial=0) <= 1 else a
+    elif im.mode != "I" or a.max(initial=0) > 255:
+        a = a / 257  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+
+
 def read_image(path, mode="RGB"):
     """A file as a uint8 tensor [C, H, W] (mode "RGB" or "L"), or None when it cannot be decoded."""
     try:
         with Image.open(path) as im:
-            a = np.asarray(im.convert(mode))
+            a = np.asarray(to_8bit(im).convert(mode))
     except Exception:
         return None
     return torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1).copy()).permute(2, 0, 1)

@@ -1338,3 +1338,14 @@ def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     assert train.main([*TINY, "--out", str(tmp_path / "r"), "--steps", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "loss is nan at step 0" in err and "no checkpoint had been saved yet" in err
+
+
+def test_16_bit_and_float_images_are_read_with_their_real_range(tmp_path):
+    values = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369  # 0 .. 65535 in 16 steps
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    expected = np.round(values / 257).astype(np.uint8)  # 0, 17, 34, ... 255: not saturated to white
+    assert np.array_equal(fid.read_image(tmp_path / "g16.png", "L")[0].numpy(), expected)
+    assert np.array_equal(train.fit_file(tmp_path / "g16.png", 4, "L")[0], expected)
+    Image.fromarray((values / 65535).astype(np.float32)).save(tmp_path / "f.tiff")
+    assert np.array_equal(fid.read_image(tmp_path / "f.tiff", "L")[0].numpy(), expected)

@@ -43,7 +43,7 @@ class UserError(Exception):
 
 def fit_image(im, size, mode):
     """PIL image -> uint8 array [C, size, size]: short side resized (bicubic), centre crop."""
-    a = np.asarray(ImageOps.fit(im.convert(mode), (size, size), Image.BICUBIC))
+    a = np.asarray(ImageOps.fit(fid.to_8bit(im).convert(mode), (size, size), Image.BICUBIC))
     return a.reshape(size, size, -1).transpose(2, 0, 1)
 
 
