@@ -1349,3 +1349,18 @@ def test_16_bit_and_float_images_are_read_with_their_real_range(tmp_path):
     assert np.array_equal(train.fit_file(tmp_path / "g16.png", 4, "L")[0], expected)
     Image.fromarray((values / 65535).astype(np.float32)).save(tmp_path / "f.tiff")
     assert np.array_equal(fid.read_image(tmp_path / "f.tiff", "L")[0].numpy(), expected)
+
+
+def test_resume_from_elsewhere_through_ckpt_pt_names_what_it_ignores(tmp_path, monkeypatch, capsys):
+    mixed_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # a relative --data, stored as an absolute path
+    assert train.main(["--data", "data", "--out", "run", "--steps", "3", "--sample-every", "0", *TINY]) == 0
+    assert "python sample.py run" in capsys.readouterr().err  # done: says what to do next
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train.main(["--resume", str(tmp_path / "run" / "ckpt.pt"), "--steps", "5", "--lr", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --lr ignored" in err and "--steps" not in err.split("note:")[1].split("ignored")[0]
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["config"]["lr"] != 0.5

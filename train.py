@@ -365,6 +365,8 @@ def run_config(args):
     skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
             "dropout", "image_size", "act", "norm"}
     run = {k: v for k, v in vars(args).items() if k not in skip}
+    if args.data:  # absolute, so that --resume works from any directory
+        run["data"] = str(Path(args.data).resolve())
     if run["lr"] is None:
         run["lr"] = 1e-3 if args.preset == "tiny" else 2e-4
     ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
@@ -409,8 +411,14 @@ def train(args):
     if args.resume:
         ckpt, model, ema, diffusion = load_checkpoint(args.resume, device)
         cfg, out = ckpt["config"], Path(args.resume)
+        out = out.parent if out.is_file() else out  # --resume RUN or RUN/ckpt.pt, as sample.py
         if args.steps:  # the one thing a resume may change: how long to go on
             cfg["steps"] = args.steps
+        defaults, kept = vars(parse_args([])), ("resume", "steps", "device")
+        ignored = [k for k, v in vars(args).items() if k not in kept and v != defaults[k]]
+        if ignored:
+            print(f"note: {', '.join('--' + k.replace('_', '-') for k in ignored)} ignored: a resumed run keeps "
+                  f"its configuration (only --steps and --device apply)", file=sys.stderr)
     else:
         cfg, out, ckpt = run_config(args), Path(args.out), None
         prepare_out(out)
@@ -578,7 +586,7 @@ def train(args):
         checkpoint()
         print(f"\ninterrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume {out}", file=sys.stderr)
     else:
-        print(f"\ndone: {out / 'ckpt.pt'}", file=sys.stderr)
+        print(f"\ndone: {out / 'ckpt.pt'}; sample from it with: python sample.py {out}", file=sys.stderr)
     return step
 
 
