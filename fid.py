@@ -575,6 +575,9 @@ def main(argv=None):
     except (FIDError, ValueError, OSError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nfid.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -313,6 +313,9 @@ def main(argv=None):
     except (train.UserError, fid.FIDError, ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nsample.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1179,17 +1179,29 @@ def test_sample_fid_in_memory_equals_fid_of_the_written_pngs(tmp_path, trained_r
     assert in_memory.startswith("FID: ") and float(in_memory[5:]) == pytest.approx(fid_by_eigh(*stats[0], *stats[1]), abs=1e-3)
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other architecture"])
-def test_sample_bad_checkpoint_is_one_line(tmp_path, trained_run, capsys, case):
+class NotWeights:  # a pickled object a safe load must refuse
+    pass
+
+
+@pytest.mark.parametrize("case,says", [("missing", "no such checkpoint"), ("truncated", "not a torch checkpoint"),
+                                       ("random bytes", "not a torch checkpoint"),
+                                       ("python objects", "a safe load refuses"),
+                                       ("other architecture", "not a checkpoint of this version")])
+def test_sample_bad_checkpoint_is_one_line(tmp_path, trained_run, capsys, case, says):
     path = tmp_path / "ckpt.pt"
-    if case == "corrupt":
+    if case == "truncated":
         path.write_bytes((trained_run / "ckpt.pt").read_bytes()[:1000])
+    elif case == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif case == "python objects":
+        torch.save({"config": NotWeights()}, path)
     elif case == "other architecture":
         ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
         ckpt["config"]["model"]["base_channels"] = 32
         torch.save(ckpt, path)
     assert sample.main([str(path), "--n", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[0] and "weights_only" not in err[0]  # the truth, and never the unsafe option
     assert len(err) == 1 and err[0].startswith("sample.py: error:") and str(path) in err[0]
 
 
@@ -1364,3 +1376,14 @@ def test_resume_from_elsewhere_through_ckpt_pt_names_what_it_ignores(tmp_path, m
     assert "note: --lr ignored" in err and "--steps" not in err.split("note:")[1].split("ignored")[0]
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 5 and ckpt["config"]["lr"] != 0.5
+
+
+def test_a_damaged_idx_file_is_one_line(tmp_path, capsys):
+    header = b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    payload = header + np.random.default_rng(0).integers(0, 256, 5 * 28 * 28, dtype=np.uint8).tobytes()
+    for name, damaged in (("short", gzip.compress(header + b"\x00" * 100)), ("cut", gzip.compress(payload)[:-300])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "t10k-images-idx3-ubyte.gz").write_bytes(damaged)
+        assert train.main([*TINY, "--data", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "not a readable IDX file" in err[-1] and err[-1].startswith("train.py: error:"), err

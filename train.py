@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,14 @@ def fit_file(path, size, mode):
 
 def read_idx_images(path):
     """Images from an MNIST-style IDX file (optionally gzipped) as uint8 [N, H, W]."""
-    raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
-    if raw[2] != 0x08 or raw[3] != 3:
-        raise UserError(f"{path}: not an IDX file of uint8 images")
-    n, h, w = np.frombuffer(raw, ">i4", 3, offset=4)
-    return np.frombuffer(raw, np.uint8, n * h * w, offset=16).reshape(n, h, w)
+    try:
+        raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+        if len(raw) < 16 or raw[2] != 0x08 or raw[3] != 3:
+            raise ValueError("no IDX header for uint8 images")
+        n, h, w = np.frombuffer(raw, ">i4", 3, offset=4)
+        return np.frombuffer(raw, np.uint8, n * h * w, offset=16).reshape(n, h, w)
+    except (OSError, EOFError, ValueError) as e:  # a damaged gzip stream, a short file
+        raise UserError(f"{path}: not a readable IDX file of uint8 images ({e})") from None
 
 
 def _readable(path):
@@ -217,6 +221,15 @@ def save_checkpoint(path, state):
     fid.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def unreadable_checkpoint(path, error):
+    """Why torch.load failed, in words that do not pass on its advice to load unsafely."""
+    if not zipfile.is_zipfile(path):
+        return "not a torch checkpoint: the file is damaged, truncated or of another kind"
+    if "weights only" in str(error).lower():
+        return "a torch file holding Python objects that a safe load refuses: not a checkpoint of train.py"
+    return f"a damaged torch checkpoint ({type(error).__name__}); a complete one is rewritten at every save"
+
+
 def load_checkpoint(path, device="cpu"):
     """(checkpoint dict, model, EMA, Diffusion) from a run folder or a ckpt.pt, built from the
     configuration inside it. weights_only=True: loading a checkpoint never runs code."""
@@ -227,6 +240,9 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: {unreadable_checkpoint(path, e)}") from None
+    try:
         cfg = ckpt["config"]
         model = ddpm.UNet(**cfg["model"]).to(device)
         model.load_state_dict(ckpt["model"])
@@ -597,6 +613,9 @@ def main(argv=None):
     except (UserError, ValueError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the training loop, which saves and exits by itself
+        print("\ntrain.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
