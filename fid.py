@@ -284,11 +284,17 @@ def to_8bit(im):
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
 
 
+TOO_LARGE = "too large"  # what a decoder returns for an image past Pillow's decompression-bomb limit
+
+
 def read_image(path, mode="RGB"):
-    """A file as a uint8 tensor [C, H, W] (mode "RGB" or "L"), or None when it cannot be decoded."""
+    """A file as a uint8 tensor [C, H, W] (mode "RGB" or "L"); None when it cannot be decoded, TOO_LARGE
+    when it has more pixels than Pillow will decode."""
     try:
         with Image.open(path) as im:
             a = np.asarray(to_8bit(im).convert(mode))
+    except Image.DecompressionBombError:
+        return TOO_LARGE
     except Exception:
         return None
     return torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1).copy()).permute(2, 0, 1)
@@ -311,16 +317,25 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 def decode_files(files, decode=read_image, batch_size=50, num_workers=0, skipped=None):
-    """Yield lists of decode(file), decoded by num_workers processes. decode returns None for a
-    file it cannot read; those are left out and counted in skipped[0]."""
+    """Yield lists of decode(file), decoded by num_workers processes. decode returns None for a file
+    it cannot read and TOO_LARGE for one too large to decode: both are left out and counted in the
+    dict skipped, by reason ("unreadable", "too large")."""
     loader = torch.utils.data.DataLoader(_Decoded(files, decode), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=list)
     for batch in loader:
-        good = [im for im in batch if im is not None]
-        if skipped is not None:
-            skipped[0] += len(batch) - len(good)
+        good = [im for im in batch if im is not None and not isinstance(im, str)]
+        for im in batch:
+            if skipped is not None and (im is None or isinstance(im, str)):
+                reason = "unreadable" if im is None else im
+                skipped[reason] = skipped.get(reason, 0) + 1
         if good:
             yield good
+
+
+def describe_skipped(skipped):
+    """'2 unreadable, 1 too large (over Pillow's limit of N pixels)' from decode_files' counts."""
+    limit = f" (over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)" if TOO_LARGE in skipped else ""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + limit
 
 
 def folder_batches(folder, batch_size=50, num_workers=0, skipped=None):
@@ -487,13 +502,13 @@ def save_stats(path, mu, sigma):
 
 def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False, isc_input=False):
     """pool3 features and logits of every readable image under folder (progress on stderr)."""
-    skipped = [0]
+    skipped = {}
     tty = sys.stderr.isatty() and not quiet
     show = (lambda n: print(f"\r{folder}: {n} images", end="", file=sys.stderr)) if tty else None
     feats, logits = get_activations(folder_batches(folder, batch_size, num_workers, skipped), model, show, isc_input)
     if not quiet:
         print(("\r" if tty else "") + f"{folder}: {feats.shape[0]} images"
-              + (f" ({skipped[0]} unreadable, skipped)" if skipped[0] else ""), file=sys.stderr)
+              + (f" ({describe_skipped(skipped)}, skipped)" if skipped else ""), file=sys.stderr)
     return feats, logits
 
 
@@ -541,6 +556,8 @@ def main(argv=None):
     try:
         if args.splits < 1 or args.batch_size < 1 or args.num_workers < 0:
             raise FIDError("--splits and --batch-size must be at least 1, --num-workers at least 0")
+        if args.save_stats and not Path(args.save_stats[1]).resolve().parent.is_dir():
+            raise FIDError(f"--save-stats {args.save_stats[1]}: its folder does not exist")
         if args.isc and args.isc.endswith(".npz"):
             raise FIDError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
         for flag in ("kid", "prc"):

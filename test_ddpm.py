@@ -959,7 +959,7 @@ def test_training_run_folder_holds_everything(trained_run):
 def test_folder_loading_fits_every_format_and_skips_the_corrupt_file(tmp_path, capsys):
     data = train.load_folder(mixed_folder(tmp_path), 16, 3)
     assert data.shape == (8, 3, 16, 16) and data.dtype == torch.uint8
-    assert "1 unreadable image file skipped" in capsys.readouterr().err
+    assert "image files skipped: 1 unreadable" in capsys.readouterr().err
     assert train.load_folder(tmp_path, 12, 1).shape == (8, 1, 12, 12)
     # fitting: short side resized, centre crop
     im = Image.new("RGB", (40, 20), (255, 0, 0))
@@ -1387,3 +1387,22 @@ def test_a_damaged_idx_file_is_one_line(tmp_path, capsys):
         assert train.main([*TINY, "--data", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert "not a readable IDX file" in err[-1] and err[-1].startswith("train.py: error:"), err
+
+
+def test_an_image_too_large_to_decode_is_called_too_large(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / "d", 3, seed=0, size=8)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "d" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40 x 40 > 2 x 500: Pillow refuses it as a bomb
+    assert fid.read_image(tmp_path / "d" / "huge.png") == fid.TOO_LARGE
+    data = train.load_folder(tmp_path / "d", 8, 3)
+    assert len(data) == 3 and "1 too large (over Pillow's limit of 1,000 pixels)" in capsys.readouterr().err
+
+
+def test_first_grid_comes_early_and_save_stats_needs_its_folder_first(tmp_path, inception_weights, capsys):
+    run = tmp_path / "run"
+    assert train.main([*TINY, "--out", str(run), "--steps", "101", "--sample-every", "1000", "--save-every", "1000"]) == 0
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000100.png", "step_000101.png"]
+    write_images(tmp_path / "a", 3, seed=0)
+    assert fid.main(["--save-stats", str(tmp_path / "a"), str(tmp_path / "missing" / "a.npz"),
+                     "--weights", str(tmp_path / "not-loaded.pth")]) == 1  # refused before the network loads
+    assert "its folder does not exist" in capsys.readouterr().err

@@ -49,10 +49,12 @@ def fit_image(im, size, mode):
 
 
 def fit_file(path, size, mode):
-    """An image file through fit_image, or None when it cannot be decoded."""
+    """An image file through fit_image; None when it cannot be decoded, fid.TOO_LARGE when too large."""
     try:
         with Image.open(path) as im:
             return fit_image(im, size, mode)
+    except Image.DecompressionBombError:
+        return fid.TOO_LARGE
     except Exception:
         return None
 
@@ -74,6 +76,8 @@ def _readable(path):
     try:
         with Image.open(path):
             return path
+    except Image.DecompressionBombError:
+        return fid.TOO_LARGE
     except Exception:
         return None
 
@@ -99,7 +103,7 @@ class StreamedImages:
         paths = [self.files[i] for i in idx.tolist()]
         arrays = list(self.pool.map(self.decode, paths))
         for path, a in zip(paths, arrays):
-            if a is None:
+            if a is None or isinstance(a, str):
                 raise UserError(f"{path}: could not be decoded during training")
         return torch.from_numpy(np.stack(arrays))
 
@@ -120,11 +124,11 @@ def load_folder(folder, size, channels, workers=0):
     if stream and arrays:
         raise UserError(f"{folder}: too large to hold in memory ({need / 2**30:.1f} GiB) and it mixes IDX files "
                         "with image files; give them separate folders")
-    skipped = [0]
+    skipped = {}
     decode = _readable if stream else functools.partial(fit_file, size=size, mode=mode)
     found = [x for batch in fid.decode_files(files, decode, 64, workers, skipped) for x in batch]
-    if skipped[0]:
-        print(f"{folder}: {skipped[0]} unreadable image file{'s' * (skipped[0] > 1)} skipped", file=sys.stderr)
+    if skipped:
+        print(f"{folder}: image files skipped: {fid.describe_skipped(skipped)}", file=sys.stderr)
     if not found and not arrays:
         raise UserError(f"--data {folder}: no images ({', '.join(sorted(TRAIN_EXTENSIONS))} or IDX)")
     if stream:
@@ -307,6 +311,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+FIRST_GRID = 100  # a grid this early too: a new user sees one within about a minute of a CPU demo
 AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
                 "base_channels", "num_res_blocks", "steps")
 AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout")
@@ -544,7 +549,11 @@ def train(args):
         print(f"\nstep {step}: FID {value:.2f} ({cfg['fid_samples']} samples)", file=sys.stderr)
 
     stop = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1))  # finish the step, save, leave
+
+    def on_ctrl_c(*_):  # finish the step (or the grid being drawn), save, leave
+        stop.append(1)
+        print("\nCtrl-C: stopping after this step, then saving", file=sys.stderr, flush=True)
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
 
     # -- the loop ----------------------------------------------------------------------------
     try:
@@ -590,7 +599,7 @@ def train(args):
                     print("\r" + line, end="", file=sys.stderr, flush=True)
                 elif step % (cfg["log_every"] * 10) == 0 or step == total:
                     print(line, file=sys.stderr, flush=True)
-            if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step == total):
+            if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step in (FIRST_GRID, total)):
                 sample_grid()
             if cfg["fid_every"] and (step % cfg["fid_every"] == 0 or step == total):
                 measure_fid()
