@@ -209,6 +209,17 @@ class FIDInceptionV3(nn.Module):
         return pool3, pool3 @ self.fc.weight.T
 
 
+def check_device(name):
+    """torch.device(name), or FIDError when it is not a device name or names a CUDA this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FIDError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FIDError(f"--device {name}: this machine has no CUDA device")
+    return device
+
+
 def weights_cache_path():
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
 
@@ -554,6 +565,7 @@ def main(argv=None):
         p.error("give two paths, or --save-stats FOLDER OUT_NPZ, or --isc FOLDER")
     inputs = [args.isc] if args.isc else [args.save_stats[0]] if args.save_stats else args.path
     try:
+        check_device(args.device)
         if args.splits < 1 or args.batch_size < 1 or args.num_workers < 0:
             raise FIDError("--splits and --batch-size must be at least 1, --num-workers at least 0")
         if args.save_stats and not Path(args.save_stats[1]).resolve().parent.is_dir():

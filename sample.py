@@ -228,7 +228,7 @@ def check_args(args, is_ve):
 
 
 def run(args):
-    device = torch.device(args.device)
+    device = fid.check_device(args.device)
     ckpt, model, ema, diffusion = train.load_checkpoint(args.run, device)
     net = (model if args.no_ema else ema.model).eval()
     if args.channels_last:

@@ -1406,3 +1406,13 @@ def test_first_grid_comes_early_and_save_stats_needs_its_folder_first(tmp_path, 
     assert fid.main(["--save-stats", str(tmp_path / "a"), str(tmp_path / "missing" / "a.npz"),
                      "--weights", str(tmp_path / "not-loaded.pth")]) == 1  # refused before the network loads
     assert "its folder does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_one_line_for_every_command(tmp_path, trained_run, capsys):
+    write_images(tmp_path / "a", 2, seed=0)
+    for main, argv in ((train.main, [*TINY, "--out", str(tmp_path / "r")]), (sample.main, [str(trained_run)]),
+                       (fid.main, [str(tmp_path / "a"), str(tmp_path / "a")])):
+        assert main([*argv, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA device" in err[0]

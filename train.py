@@ -333,12 +333,7 @@ def check_args(args):
     if args.schedule == "linear" and not 0 < args.beta_start < args.beta_end < 1:
         raise UserError(f"the linear schedule needs 0 < --beta-start < --beta-end < 1, got {args.beta_start} "
                         f"and {args.beta_end}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: this machine has no CUDA device")
+    fid.check_device(args.device)
 
 
 def prepare_out(out):
@@ -619,7 +614,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, fid.FIDError, ValueError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop, which saves and exits by itself
