@@ -468,6 +468,12 @@ def kernel_inception_distance(feats1, feats2, subsets=100, subset_size=1000, see
     return float(mmd.mean()), float(mmd.std())
 
 
+def knn_radii(x, k=1, batch_size=10000):
+    """For each point of x [N, d], the distance to its k-th nearest other point (the (k+1)-th smallest
+    distance, counting itself), computed batch_size rows at a time."""
+    return torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch_size)])
+
+
 def precision_recall(real, fake, k=3, batch_size=10000):
     """Improved precision and recall (Kynkaanniemi et al. 2019), as torch-fidelity 0.4 computes them:
     each set's manifold is the union of balls around its points with radius the distance to the k-th
@@ -481,14 +487,11 @@ def precision_recall(real, fake, k=3, batch_size=10000):
         raise FIDError(f"precision/recall with k = {k} needs more than {k} images in each set, "
                        f"got {len(real)} and {len(fake)}")
 
-    def radii(x):  # distance to the k-th nearest other point: the (k+1)-th smallest, counting itself
-        return torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch_size)])
-
     def covered(points, centres, r):
         return torch.cat([(torch.cdist(b, centres) <= r).any(dim=1) for b in points.split(batch_size)])
 
-    precision = covered(fake, real, radii(real)).double().mean().item()
-    recall = covered(real, fake, radii(fake)).double().mean().item()
+    precision = covered(fake, real, knn_radii(real, k, batch_size)).double().mean().item()
+    recall = covered(real, fake, knn_radii(fake, k, batch_size)).double().mean().item()
     return precision, recall
 
 
