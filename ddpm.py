@@ -190,6 +190,16 @@ PRESETS = {
 }
 
 
+def unet_resolutions(image_size, channel_mults):
+    """The feature-map sizes of the U-Net's levels, image_size halved at each; ValueError when the
+    downsamplings do not divide image_size."""
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} is not divisible by {factor} "
+                         f"({len(channel_mults) - 1} downsamplings for channel_mults {tuple(channel_mults)})")
+    return [image_size // 2 ** level for level in range(len(channel_mults))]
+
+
 class UNet(nn.Module):
     """The DDPM noise predictor eps_theta(x_t, t) (Ho et al., appendix B).
 
@@ -210,11 +220,7 @@ class UNet(nn.Module):
         if base_channels < 1 or num_res_blocks < 1 or not channel_mults or min(channel_mults) < 1:
             raise ValueError(f"base_channels, num_res_blocks and every channel_mult must be at least 1, got "
                              f"{base_channels}, {num_res_blocks} and {tuple(channel_mults)}")
-        factor = 2 ** (len(channel_mults) - 1)
-        if image_size % factor:
-            raise ValueError(f"image_size {image_size} is not divisible by {factor} "
-                             f"({len(channel_mults) - 1} downsamplings for channel_mults {tuple(channel_mults)})")
-        resolutions = [image_size // 2 ** level for level in range(len(channel_mults))]
+        resolutions = unet_resolutions(image_size, channel_mults)
         if set(attn_resolutions) - set(resolutions):
             raise ValueError(f"attention resolutions {sorted(set(attn_resolutions) - set(resolutions))} are not among "
                              f"this U-Net's resolutions {resolutions}")

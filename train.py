@@ -369,10 +369,10 @@ def run_config(args):
     except ValueError:
         raise UserError("--channel-mults and --attn-resolutions take comma-separated integers") from None
     if not args.attn_resolutions:  # the preset's attention where this image size has that resolution
-        levels = [cfg["image_size"] // 2 ** i for i in range(len(cfg["channel_mults"]))]
+        levels = ddpm.unet_resolutions(cfg["image_size"], cfg["channel_mults"])
         dropped = [r for r in cfg["attn_resolutions"] if r not in levels]
         cfg["attn_resolutions"] = [r for r in cfg["attn_resolutions"] if r in levels]
-        if dropped and cfg["image_size"] % 2 ** (len(cfg["channel_mults"]) - 1) == 0:
+        if dropped:
             print(f"note: the {args.preset} preset's attention at {dropped} does not exist at {cfg['image_size']} px "
                   f"(resolutions {levels}); --attn-resolutions sets it", file=sys.stderr)
     cfg.update(in_channels=args.channels, activation=args.act, norm=args.norm)
