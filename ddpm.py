@@ -437,12 +437,13 @@ class ScoreSDE(nn.Module):
         dt = abs(self.t_start - self.t_end) / (steps - 1)
         (alpha, sigma), (f, g2), lang = self.marginal(ts), self.sde(ts), self.langevin_alpha(ts)
         noise = lambda: torch.randn(x.shape, generator=generator, device=x.device)
+        # norms averaged over the batch, as Song et al.'s code: per-sample ratios are noisy at small D
+        norm = lambda v: v.flatten(1).norm(dim=1).mean()
         trajectory = [x]
         for i in range(steps):
             for _ in range(corrector_steps):
                 score, z = -self._eps(model, x, ts[i]) / sigma[i], noise()
-                norm = lambda v: v.flatten(1).norm(dim=1).mean()  # batch means, as Song et al.'s code:
-                step = 2 * lang[i] * (snr * norm(z) / norm(score)) ** 2  # per-sample ratios are noisy at small D
+                step = 2 * lang[i] * (snr * norm(z) / norm(score)) ** 2
                 x = x + step * score + (2 * step).sqrt() * z
             eps = self._eps(model, x, ts[i])
             if i == steps - 1:  # the last step returns the mean: no noise
@@ -575,8 +576,6 @@ class Diffusion(ScoreSDE):
         noise = torch.randn_like(x0) if noise is None else noise
         return eps_distance(model(self.q_sample(x0, t, noise), t), noise, loss_type)
 
-    # -- samplers -----------------------------------------------------------------------------
-
     # -- the same process as the VP SDE (Song et al. eq. 11, appendix B), in timestep units ---------
 
     t_end = 0.0
@@ -615,6 +614,8 @@ class Diffusion(ScoreSDE):
     def langevin_alpha(self, t):
         return torch.exp(-self._log_alphas_cumprod_at(t)[1])  # about 1 - beta_t at the integers
 
+    # -- likelihood: the variational bound --------------------------------------------------------
+
     @torch.inference_mode()
     def vlb_bits_per_dim(self, model, x0, variance="beta", clip_x0=True, generator=None, progress=None):
         """The variational bound on -log p(x0) (Ho et al. eq. 5) in bits/dim, per image: "prior" L_T =
@@ -625,7 +626,7 @@ class Diffusion(ScoreSDE):
         """
         if variance not in ("beta", "posterior"):
             raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-        x0 = x0.to(self.betas.device, torch.float32)
+        x0 = x0.to(self.device, torch.float32)
         B, bits = x0.shape[0], 1 / (x0[0].numel() * math.log(2))
         logvar = (torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]])) if variance == "beta"
                   else self.posterior_log_variance_clipped)
@@ -646,6 +647,8 @@ class Diffusion(ScoreSDE):
         a_T = self.alphas_cumprod[-1]
         prior = per_image(normal_kl(a_T.sqrt() * x0, torch.log(1 - a_T), torch.zeros_like(x0), torch.zeros_like(x0)))
         return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
+
+    # -- samplers -----------------------------------------------------------------------------
 
     def respaced(self, timesteps):
         """The process on the kept `timesteps` (ascending) alone, improved-diffusion's respacing:
