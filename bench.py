@@ -4,6 +4,7 @@
     python bench.py --quick         # about a minute
     python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants
     python bench.py --solvers runs/mnist    # DDIM vs DPM-Solver++: error against the ODE, s/image
+    python bench.py --quality base minsnr   # training recipes on MNIST: FD after 15 CPU-minutes each
 
 Measures training images/s (forward, backward, AdamW and EMA) for the tiny preset at 32x32 and
 faces64 at 64x64; sampling cost per denoising step and image, seconds per image for DDPM
@@ -12,11 +13,15 @@ with a model that costs nothing); fid.py feature extraction images/s; peak memor
 runs on random weights (same cost as the real ones).
 """
 import argparse
+import csv
 import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -169,7 +174,7 @@ def bench_solvers(args, device):
     ckpt, _, ema, d = train.load_checkpoint(args.solvers, device)
     c, s = ckpt["config"]["model"]["in_channels"], ckpt["config"]["model"]["image_size"]
     x_T = torch.randn(args.solver_n, c, s, s, generator=g, device=device)
-    net = ema.model.eval()
+    net = train.sampling_model(ckpt["config"], ema.model.eval(), d)
     out["trained"] = solver_errors(d, net, x_T, nfes, ddpm.SPACINGS)
     batch = x_T[:args.sample_batch]
     with torch.inference_mode():
@@ -187,6 +192,83 @@ def bench_solvers(args, device):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# training recipes: sample quality after a fixed CPU budget (issue 13)
+
+MNIST_RUN = ["--channels", "1", "--image-size", "32", "--no-flip", "--preset", "tiny", "--sample-every", "0",
+             "--save-every", "100000"]
+RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one thing from its parent
+    "base": [],
+    "minsnr": ["--min-snr", "5"],
+    "v": ["--prediction", "v"],
+    "cosine": ["--schedule", "cosine"],
+    "lr2e-3": ["--lr", "2e-3"],
+    "w32": ["--base-channels", "32"],
+    "heads4": ["--num-heads", "4"],
+    "b32": ["--batch-size", "32"],
+}
+
+
+def recipe_speed(name, flags, args):
+    """Training images/s of a recipe, from a short run (its first 20 steps not counted)."""
+    out = Path(args.quality_dir) / f"{name}.probe"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [sys.executable, "train.py", "--data", args.mnist, "--out", str(out), *MNIST_RUN, *flags,
+           "--steps", "60", "--log-every", "10"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))[2:]
+    return statistics.mean(float(r["images_per_s"]) for r in rows)
+
+
+def recipe_fd(run, sampler, args):
+    """mnist_fd.py's FD of --fd-n samples from `run` drawn by SAMPLER:CALLS[:sample.py options]."""
+    kind, calls, *extra = sampler.split(":", 2)
+    tag = "".join(c for c in sampler if c.isalnum() or c in "+-")
+    folder = Path(f"{run}.samples") / tag
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    subprocess.run([sys.executable, "sample.py", str(run), "--n", str(args.fd_n), "--batch-size", "250",
+                    "--sampler", kind, "--steps", calls, *" ".join(extra).split(), "--out", str(folder),
+                    "--grid", f"{run}_{tag}.png"], check=True, stderr=subprocess.DEVNULL)
+    fd = subprocess.run([sys.executable, args.fd_tool, str(folder)], check=True, capture_output=True, text=True)
+    return float(fd.stdout.split(" FD ")[1].split()[0])
+
+
+def bench_recipe(name, args):
+    """Train recipe `name` for the steps this machine makes in --minutes (or --recipe-steps), sample
+    --fd-n images with each of --fd-samplers, score them with mnist_fd.py; rows appended to results.csv.
+    With --fd-only, the run is not trained again."""
+    flags = RECIPES[name]
+    root = Path(args.quality_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    run = root / name
+    batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 64
+    if args.fd_only:
+        with open(run / "log.csv") as f:
+            rows = list(csv.DictReader(f))
+        steps, ips, minutes = int(rows[-1]["step"]), statistics.mean(float(r["images_per_s"]) for r in rows), None
+    else:
+        ips = recipe_speed(name, flags, args)
+        steps = args.recipe_steps or round(args.minutes * 60 * ips / batch)
+        subprocess.run(["rm", "-rf", str(run), f"{run}.samples"], check=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "--data", args.mnist, "--out", str(run), *MNIST_RUN, *flags,
+                        "--steps", str(steps)], check=True)
+        minutes = round((time.perf_counter() - t0) / 60, 1)
+    rows = []
+    for sampler in args.fd_samplers.split(","):
+        value = recipe_fd(run, sampler, args)
+        rows.append({"recipe": name, "flags": " ".join(flags), "steps": steps, "images_per_s": round(ips, 1),
+                     "train_minutes": minutes, "sampler": sampler, "n": args.fd_n, "fd": value})
+        print(f"{name}: {steps} steps, {sampler}: FD {value:.2f}", flush=True)
+    new = not (root / "results.csv").exists()
+    with open(root / "results.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -198,7 +280,21 @@ def main():
     p.add_argument("--out", default="bench.json")
     p.add_argument("--solvers", metavar="RUN", help="only the sampler accuracy table, on this trained run")
     p.add_argument("--solver-n", type=int, default=64, help="--solvers: samples from the trained run")
+    p.add_argument("--quality", nargs="+", metavar="RECIPE", choices=sorted(RECIPES),
+                   help="train these recipes on MNIST for --minutes each and score them with mnist_fd.py")
+    p.add_argument("--minutes", type=float, default=15.0, help="--quality: training budget of each recipe")
+    p.add_argument("--mnist", default="../shared/data/mnist", help="--quality: the digits")
+    p.add_argument("--fd-tool", default="../shared/tools/mnist_fd.py", help="--quality: the FD script")
+    p.add_argument("--fd-n", type=int, default=2000, help="--quality: samples per FD")
+    p.add_argument("--fd-samplers", default="dpm++:20", help="--quality: SAMPLER:CALLS list for sample.py")
+    p.add_argument("--quality-dir", default="runs/quality", help="--quality: where runs and results.csv go")
+    p.add_argument("--recipe-steps", type=int, help="--quality: train this many steps instead of --minutes' worth")
+    p.add_argument("--fd-only", action="store_true", help="--quality: score the runs already trained")
     args = p.parse_args()
+    if args.quality:
+        for name in args.quality:
+            bench_recipe(name, args)
+        return
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.repeats = 2 if args.quick else 3

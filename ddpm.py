@@ -118,7 +118,7 @@ class ResBlock(nn.Module):
     """Two 3x3 convs with the time embedding added in between, plus a residual path;
     optionally followed by self-attention (Ho et al. put it after the res blocks at 16x16)."""
 
-    def __init__(self, cin, cout, temb_dim, dropout, act, norm, attn=False):
+    def __init__(self, cin, cout, temb_dim, dropout, act, norm, attn_heads=0):
         super().__init__()
         self.norm1, self.act1, self.conv1 = _norm(norm, cin), _act(act), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Sequential(_act(act), nn.Linear(temb_dim, cout))
@@ -128,7 +128,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (Ho et al.)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.attn = AttnBlock(cout, norm) if attn else None
+        self.attn = AttnBlock(cout, norm, attn_heads) if attn_heads else None
 
     def forward(self, x, temb):
         h = self.conv1(self.act1(self.norm1(x)))
@@ -139,22 +139,25 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
 
-    def __init__(self, ch, norm):
+    def __init__(self, ch, norm, num_heads=1):
         super().__init__()
         self.norm = _norm(norm, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
+        self.num_heads = num_heads
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         B, C, H, W = x.shape
+        n = self.num_heads
         # (B, HW, 3C): a free view when x is channels_last, one copy otherwise
-        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, 1, H * W, 3 * C)
-        h = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # (B, 1, HW, C), one head
-        return x + self.proj(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, 3 * C)
+        q, k, v = (a.reshape(B, H * W, n, C // n).transpose(1, 2) for a in qkv.chunk(3, dim=-1))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, n, HW, C / n)
+        return x + self.proj(h.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2))
 
 
 class Downsample(nn.Module):
@@ -204,14 +207,14 @@ class UNet(nn.Module):
     """The DDPM noise predictor eps_theta(x_t, t) (Ho et al., appendix B).
 
     A U-Net of residual blocks with one resolution level per entry of channel_mults, a 2x
-    downsampling between levels, self-attention at the listed resolutions, skip connections from
+    downsampling between levels, self-attention (num_heads heads) at the listed resolutions, skip connections from
     every down block to its mirror up block, and a sinusoidal time embedding fed through an MLP
     into every residual block. `self.config` holds the constructor arguments (JSON-friendly).
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, activation="silu", norm="group", image_size=32,
-                 time_scale=1.0):
+                 time_scale=1.0, num_heads=1):
         super().__init__()
         if activation not in ("silu", "relu"):
             raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
@@ -224,19 +227,25 @@ class UNet(nn.Module):
         if set(attn_resolutions) - set(resolutions):
             raise ValueError(f"attention resolutions {sorted(set(attn_resolutions) - set(resolutions))} are not among "
                              f"this U-Net's resolutions {resolutions}")
+        widths = {base_channels * m for m in channel_mults}
+        if num_heads < 1 or any(w % num_heads for w in widths):
+            raise ValueError(f"num_heads must be at least 1 and divide every level's channels {sorted(widths)}, "
+                             f"got {num_heads}")
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout,
-                           activation=activation, norm=norm, image_size=image_size, time_scale=time_scale)
+                           activation=activation, norm=norm, image_size=image_size, time_scale=time_scale,
+                           num_heads=num_heads)
         ch, temb_dim = base_channels, 4 * base_channels
         block = dict(temb_dim=temb_dim, dropout=dropout, act=activation, norm=norm)
+        heads = lambda res: num_heads if res in attn_resolutions else 0  # 0: no attention at this resolution
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(activation), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         self.down, skips, res, cur = nn.ModuleList(), [ch], image_size, ch
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(cur, ch * mult, attn=res in attn_resolutions, **block))
+                self.down.append(ResBlock(cur, ch * mult, attn_heads=heads(res), **block))
                 cur = ch * mult
                 skips.append(cur)
             if level < len(channel_mults) - 1:
@@ -244,12 +253,12 @@ class UNet(nn.Module):
                 skips.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, attn=True, **block), ResBlock(cur, cur, **block)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, attn_heads=num_heads, **block), ResBlock(cur, cur, **block)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(cur + skips.pop(), ch * mult, attn=res in attn_resolutions, **block))
+                self.up.append(ResBlock(cur + skips.pop(), ch * mult, attn_heads=heads(res), **block))
                 cur = ch * mult
             if level > 0:
                 self.up.append(Upsample(cur))
@@ -323,15 +332,32 @@ LOSSES = ("l2", "l1", "huber")
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 
 
-def eps_distance(eps, noise, loss_type):
-    """The training distance between predicted and true noise, averaged: "l2", "l1" or "huber"."""
-    if loss_type == "l2":
-        return F.mse_loss(eps, noise)
-    if loss_type == "l1":
-        return F.l1_loss(eps, noise)
-    if loss_type == "huber":
-        return F.smooth_l1_loss(eps, noise)
-    raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
+PREDICTIONS = ("eps", "v")
+
+
+def eps_distance(eps, noise, loss_type, weight=None, reduction="mean"):
+    """The training distance between prediction and target, averaged over each sample's elements:
+    "l2", "l1" or "huber"; times weight [B] if given; then "mean" over the batch, or "none" ([B])."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
+    fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[loss_type]
+    per_sample = fn(eps, noise, reduction="none").flatten(1).mean(1)
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+class EpsFromV(nn.Module):
+    """A v-prediction model (Salimans & Ho 2022: v = alpha_t eps - sigma_t x_0) seen as an eps model,
+    eps = sigma_t x_t + alpha_t v, so every sampler and likelihood here takes it unchanged."""
+
+    def __init__(self, model, diffusion):
+        super().__init__()
+        self.model, self.diffusion = model, diffusion
+
+    def forward(self, x, t):
+        alpha, sigma = self.diffusion.marginal_at(t)
+        return sigma.reshape(-1, 1, 1, 1) * x + alpha.reshape(-1, 1, 1, 1) * self.model(x, t)
 
 
 # Dormand & Prince (1980) 5(4): nodes, stages, 5th-order weights and the 5th - 4th order difference.
@@ -564,17 +590,35 @@ class Diffusion(ScoreSDE):
 
     # -- training -----------------------------------------------------------------------------
 
-    def loss(self, model, x0, loss_type="l2", t=None, noise=None):
+    def train_t(self, n, generator=None, device=None):
+        """n training timesteps t ~ U{0..T-1}."""
+        return torch.randint(0, self.T, (n,), generator=generator, device=device or self.device)
+
+    def loss(self, model, x0, loss_type="l2", t=None, noise=None, prediction="eps", min_snr=None,
+             reduction="mean"):
         """L_simple (Ho et al. eq. 14): E_{t, x0, eps} ||eps - eps_theta(x_t, t)||, t ~ U{0..T-1}.
 
-        loss_type: "l2" (the paper's), "l1", or "huber" (SmoothL1, as seed 003). Returns a scalar.
+        loss_type: "l2" (the paper's), "l1", or "huber" (SmoothL1, as seed 003). prediction "v":
+        the model predicts v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022; sample with EpsFromV).
+        min_snr = gamma weights each sample by min(SNR_t, gamma) / SNR_t for eps and / (SNR_t + 1)
+        for v (Hang et al. 2023), SNR_t = a-bar_t / (1 - a-bar_t): both are min(SNR_t, gamma) times
+        the x_0 error. Returns a scalar, or the per-sample losses [B] for reduction="none".
         """
         if x0.ndim != 4:
             raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
-        if t is None:
-            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        return eps_distance(model(self.q_sample(x0, t, noise), t), noise, loss_type)
+        alpha, sigma = self.marginal_at(t)
+        target = noise
+        if prediction == "v":
+            target = alpha.reshape(-1, 1, 1, 1) * noise - sigma.reshape(-1, 1, 1, 1) * x0
+        weight = None
+        if min_snr is not None:
+            snr = (alpha / sigma) ** 2
+            weight = snr.clamp(max=min_snr) / (snr if prediction == "eps" else snr + 1)
+        return eps_distance(model(self.q_sample(x0, t, noise), t), target, loss_type, weight, reduction)
 
     # -- the same process as the VP SDE (Song et al. eq. 11, appendix B), in timestep units ---------
 
@@ -605,6 +649,12 @@ class Diffusion(ScoreSDE):
         """alpha_t = sqrt(a-bar(t)) and sigma_t = sqrt(1 - a-bar(t)) at fractional timesteps."""
         log_ab, _ = self._log_alphas_cumprod_at(t)
         return (0.5 * log_ab).exp(), (-torch.expm1(log_ab)).sqrt()
+
+    def marginal_at(self, t):
+        """marginal(t), read from the float64-made tables when t holds integers."""
+        if t.is_floating_point():
+            return self.marginal(t)
+        return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
 
     def sde(self, t):
         """dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw: f = -beta / 2 and g^2 = beta."""
@@ -753,16 +803,23 @@ class Diffusion(ScoreSDE):
                 progress(k + 1, steps)
         return (x, trajectory) if return_trajectory else x
 
-    def dpm_solver_coefficients(self, ts, order):
+    def dpm_solver_coefficients(self, ts, order, eta=0.0):
         """DPM-Solver++(order M) (Lu et al. 2022b) over descending timesteps ts, then to the clean
-        image (alpha = 1, sigma = 0), as x_{k+1} = c[k] x_k + sum_j w[k, j] x0_hat_{k-j}.
+        image (alpha = 1, sigma = 0), as x_{k+1} = c[k] x_k + sum_j w[k, j] x0_hat_{k-j} + s[k] z.
 
         With alpha = sqrt(a-bar), sigma = sqrt(1 - a-bar), lambda = log(alpha / sigma), h = lambda_{k+1}
         - lambda_k and phi_1 = expm1(-h): order 1 is x_{k+1} = sigma_{k+1} / sigma_k x_k - alpha_{k+1}
         phi_1 D with D = x0_hat_k (DDIM); order 2 (Algorithm 2) takes D = (1 + 1/2r) m_0 - 1/2r m_1,
         r = h_{k-1} / h; order 3 adds the second difference. The order drops to what the history
         allows on the first steps and to 1 (2) on the last (second-to-last) step, where h = inf.
+
+        eta > 0 (orders 1 and 2) is SDE-DPM-Solver++ (Lu et al. 2022b, appendix) with its noise scaled
+        by eta: c = sigma_{k+1} / sigma_k e^(-eta h), phi_1 = expm1(-(1 + eta) h) and s = sigma_{k+1}
+        sqrt(-expm1(-2 eta h)), so x_{k+1} keeps the marginal's variance; eta = 1 at order 1 is DDIM
+        with eta = 1 (ancestral sampling).
         """
+        if eta and order > 2:
+            raise ValueError(f"eta > 0 (SDE-DPM-Solver++) needs order 1 or 2, got order {order}")
         a = self.alphas_cumprod64[ts]
         alpha, sigma = a.sqrt(), (1 - a).sqrt()
         alpha_next, sigma_next = torch.cat([alpha[1:], a.new_ones(1)]), torch.cat([sigma[1:], a.new_zeros(1)])
@@ -771,7 +828,7 @@ class Diffusion(ScoreSDE):
         m0, m1, m2 = torch.eye(3, dtype=torch.float64)  # x0_hat_k, x0_hat_{k-1}, x0_hat_{k-2} as weights
         w = torch.zeros(len(ts), 3, dtype=torch.float64)
         for k in range(len(ts)):
-            q, phi1 = min(order, k + 1, len(ts) - k), torch.expm1(-h[k])
+            q, phi1 = min(order, k + 1, len(ts) - k), torch.expm1(-(1 + eta) * h[k])
             if q == 1:
                 D = m0
             elif q == 2:
@@ -784,27 +841,32 @@ class Diffusion(ScoreSDE):
                 phi2 = phi1 / h[k] + 1
                 D = m0 - phi2 / phi1 * D1 + (phi2 / h[k] - 0.5) / phi1 * D2
             w[k] = -alpha_next[k] * phi1 * D
-        return sigma_next / sigma, w
+        if not eta:  # (0 * inf is nan on the last step)
+            return sigma_next / sigma, w, torch.zeros_like(h)
+        return sigma_next / sigma * torch.exp(-eta * h), w, sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
 
     @torch.inference_mode()
     def dpm_solver_sample(self, model, shape=None, x_T=None, steps=20, order=2, spacing="trailing", clip_x0=True,
-                          generator=None, return_trajectory=False, progress=None):
+                          eta=0.0, generator=None, return_trajectory=False, progress=None):
         """DPM-Solver++ multistep (Lu et al. 2022b) on the probability-flow ODE, in lambda = log(alpha /
         sigma): one model call per step over ddim_timesteps(steps, spacing). order 1 is DDIM (eta = 0);
         order 2 is DPM-Solver++(2M), order 3 is 3M. clip_x0 clips each x0_hat (thresholding).
-        Deterministic given x_T; returns as ddpm_sample.
+        Deterministic given x_T for eta = 0; eta = 1 is SDE-DPM-Solver++(2M) on the reverse SDE (see
+        dpm_solver_coefficients). Returns as ddpm_sample.
         """
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {order}")
         x = self._start(shape, x_T, generator)
         ts = self.ddim_timesteps(steps, spacing)[::-1]
-        c, w = _on(x.device, *self.dpm_solver_coefficients(ts, order))
+        c, w, s = _on(x.device, *self.dpm_solver_coefficients(ts, order, eta))
         t_all, history, trajectory = torch.tensor(ts, device=x.device), [], [x]
         for k in range(steps):
             t = t_all[k].expand(x.shape[0])
             x0 = self.predict_x0(x, t, model(x, t))
             history = [x0.clamp(-1, 1) if clip_x0 else x0, *history[:order - 1]]
             x = c[k] * x + sum(w[k, j] * m for j, m in enumerate(history))
+            if eta > 0 and k < steps - 1:  # no noise at the last step (s is 0 there)
+                x = x + s[k] * torch.randn(x.shape, generator=generator, device=x.device)
             if return_trajectory:
                 trajectory.append(x)
             if progress:
@@ -869,13 +931,16 @@ class VESDE(ScoreSDE):
         """f = 0, g(t)^2 = sigma^(2t) = d sigma_t^2 / dt."""
         return torch.zeros_like(t), torch.exp(2 * t * self.log_sigma)
 
-    def loss(self, model, x0, loss_type="l2", t=None, noise=None):
+    def train_t(self, n, generator=None, device=None):
+        """n training times t ~ U(eps, 1)."""
+        return self.eps + (1 - self.eps) * torch.rand(n, generator=generator, device=device or self.device)
+
+    def loss(self, model, x0, loss_type="l2", t=None, noise=None, reduction="mean"):
         """Denoising score matching with lambda(t) = sigma_t^2 and t ~ U(eps, 1):
         E ||sigma_t s_theta(x_t, t) + z||^2, which is the eps-loss ||eps_hat - z||^2 for eps_hat = -sigma_t s."""
         if x0.ndim != 4:
             raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
-        if t is None:
-            t = self.eps + (1 - self.eps) * torch.rand(x0.shape[0], device=x0.device)
+        t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = x0 + self.marginal_std(t).reshape(-1, 1, 1, 1) * noise
-        return eps_distance(model(x_t, t), noise, loss_type)
+        return eps_distance(model(x_t, t), noise, loss_type, reduction=reduction)

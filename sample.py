@@ -69,7 +69,7 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
     elif args.sampler == "ddim":
         out = process.ddim_sample(model, shape, steps=steps, eta=args.eta, **spacing, **kw)
     elif args.sampler == "dpm++":
-        out = process.dpm_solver_sample(model, shape, steps=steps, order=args.order, **spacing, **kw)
+        out = process.dpm_solver_sample(model, shape, steps=steps, order=args.order, eta=args.eta, **spacing, **kw)
     else:
         corrector = args.corrector_steps if args.corrector_steps is not None else int(args.sampler == "pc")
         out = process.sde_sample(model, shape, steps=steps, corrector_steps=corrector, snr=args.snr, **kw)
@@ -178,7 +178,7 @@ def parse_args(argv=None):
     a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
-    a("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    a("--eta", type=float, default=0.0, help="ddim, dpm++: noise (0: deterministic; 1: ddim ancestral, dpm++ SDE-DPM-Solver++)")
     a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
     a("--seed", type=int, default=0)
     a("--batch-size", type=int, default=128)
@@ -222,6 +222,8 @@ def check_args(args, is_ve):
         what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
                 else f"--sampler {args.sampler}")
         raise train.UserError(f"{what} needs a DDPM checkpoint; {args.run} is a VE run: use --sampler em, pc or ode")
+    if args.sampler == "dpm++" and args.eta > 0 and args.order > 2:
+        raise train.UserError("--eta > 0 with --sampler dpm++ (SDE-DPM-Solver++) needs --order 1 or 2")
     if args.trajectory and args.sampler == "ode":
         raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
 
@@ -229,7 +231,7 @@ def check_args(args, is_ve):
 def run(args):
     device = fid.check_device(args.device)
     ckpt, model, ema, diffusion = train.load_checkpoint(args.run, device)
-    net = (model if args.no_ema else ema.model).eval()
+    net = train.sampling_model(ckpt["config"], (model if args.no_ema else ema.model).eval(), diffusion)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]["model"]

@@ -280,11 +280,14 @@ def parse_args(argv=None):
     a("--beta-start", type=float, default=1e-4)
     a("--beta-end", type=float, default=0.02)
     a("--loss", default="l2", choices=ddpm.LOSSES)
+    a("--prediction", default="eps", choices=ddpm.PREDICTIONS, help="ddpm: what the network predicts (v: Salimans & Ho)")
+    a("--min-snr", type=float, metavar="GAMMA", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs)")
     a("--preset", default="tiny", choices=sorted(ddpm.PRESETS))
     a("--base-channels", type=int)
     a("--channel-mults", help="e.g. 1,2,2")
     a("--num-res-blocks", type=int)
     a("--attn-resolutions", help="e.g. 16 or 16,8; 'none' for no attention")
+    a("--num-heads", type=int, help="attention heads")
     a("--dropout", type=float)
     a("--act", choices=("silu", "relu"), default="silu")
     a("--norm", choices=("group", "batch"), default="group")
@@ -313,7 +316,7 @@ def parse_args(argv=None):
 
 FIRST_GRID = 100  # a grid this early too: a new user sees one within about a minute of a CPU demo
 AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
-                "base_channels", "num_res_blocks", "steps")
+                "base_channels", "num_res_blocks", "steps", "num_heads")
 AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout")
 
 
@@ -328,6 +331,10 @@ def check_args(args):
         raise UserError(f"--fid-samples must be at least 2 (a covariance), got {args.fid_samples}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if args.min_snr is not None and not (math.isfinite(args.min_snr) and args.min_snr > 0):
+        raise UserError(f"--min-snr must be a positive number, got {args.min_snr}")
+    if args.process == "ve" and (args.prediction != "eps" or args.min_snr is not None):
+        raise UserError("--prediction v and --min-snr apply to --process ddpm; a ve model predicts the scaled score")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.schedule == "linear" and not 0 < args.beta_start < args.beta_end < 1:
@@ -357,7 +364,7 @@ def run_config(args):
     """The run's configuration (model included) from the command line."""
     cfg = dict(ddpm.PRESETS[args.preset])
     for key, value in (("base_channels", args.base_channels), ("num_res_blocks", args.num_res_blocks),
-                       ("dropout", args.dropout), ("image_size", args.image_size)):
+                       ("dropout", args.dropout), ("image_size", args.image_size), ("num_heads", args.num_heads)):
         if value is not None:
             cfg[key] = value
     try:
@@ -379,7 +386,7 @@ def run_config(args):
     if args.process == "ve":  # t in (0, 1]: see UNet.forward
         cfg["time_scale"] = 1000.0
     skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
-            "dropout", "image_size", "act", "norm"}
+            "dropout", "image_size", "act", "norm", "num_heads"}
     run = {k: v for k, v in vars(args).items() if k not in skip}
     if args.data:  # absolute, so that --resume works from any directory
         run["data"] = str(Path(args.data).resolve())
@@ -395,6 +402,18 @@ def make_process(cfg):
     if cfg.get("process", "ddpm") == "ve":
         return ddpm.VESDE(cfg["sigma"])
     return ddpm.Diffusion(ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"], cfg["beta_end"]))
+
+
+def loss_options(cfg):
+    """The keyword arguments of the run's loss beyond its type (DDPM runs; older configs have none)."""
+    if cfg.get("process", "ddpm") == "ve":
+        return {}
+    return {"prediction": cfg.get("prediction", "eps"), "min_snr": cfg.get("min_snr")}
+
+
+def sampling_model(cfg, model, process):
+    """The network as the samplers take it: an eps model (a v-prediction network is converted)."""
+    return ddpm.EpsFromV(model, process) if cfg.get("prediction", "eps") == "v" else model
 
 
 def draw(process, model, shape, steps, generator):
@@ -515,7 +534,7 @@ def train(args):
 
     def sample_grid():
         g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
-        x = draw(diffusion, ema.model, (cfg["sample_n"], channels, size, size), cfg["sample_steps"], g)
+        x = draw(diffusion, sampling_model(cfg, ema.model, diffusion), (cfg["sample_n"], channels, size, size), cfg["sample_steps"], g)
         save_grid(x, out / "samples" / f"step_{step:06d}.png")
 
     fid_state = {"model": None, "ref": None, "off": False}
@@ -534,7 +553,7 @@ def train(args):
             fid_state["off"] = True
             return
         g = torch.Generator(device).manual_seed(cfg["seed"] + 1)
-        xs = [draw(diffusion, ema.model, (min(100, cfg["fid_samples"] - i), channels, size, size),
+        xs = [draw(diffusion, sampling_model(cfg, ema.model, diffusion), (min(100, cfg["fid_samples"] - i), channels, size, size),
                    cfg["sample_steps"], g)
               for i in range(0, cfg["fid_samples"], 100)]
         feats = fid.get_activations(fid.tensor_batches(torch.cat(xs)), fid_state["model"])[0]
@@ -564,7 +583,7 @@ def train(args):
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(use_amp)):
-                loss = diffusion.loss(fwd, x0, cfg["loss"])
+                loss = diffusion.loss(fwd, x0, cfg["loss"], **loss_options(cfg))
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 saved = (f"{out / 'ckpt.pt'} holds the last good state" if (out / "ckpt.pt").exists()
