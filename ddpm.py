@@ -39,6 +39,22 @@ def _on(device, *coefs):
     return [c.float().to(device) for c in coefs]
 
 
+def randn(shape, generator=None, device=None):
+    """Standard normal noise of `shape`. generator: a torch.Generator, or a list of one per sample
+    (shape[0] of them), so that each sample's noise does not depend on the batch it is drawn in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device)
+
+
+def sample_generators(seed, indices, device="cpu"):
+    """One generator per sample, seeded from (seed, sample index): pass the list as any sampler's
+    generator and sample i is the same whichever batch, or process, draws it."""
+    return [torch.Generator(device).manual_seed(seed * 2 ** 32 + i) for i in indices]
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -430,7 +446,7 @@ class ScoreSDE(nn.Module):
             return x_T.to(self.device, torch.float32)
         if shape is None:
             raise ValueError("give shape or x_T")
-        return self.prior_std * torch.randn(tuple(shape), generator=generator, device=self.device)
+        return self.prior_std * randn(shape, generator, self.device)
 
     def _eps(self, model, x, t):
         return model(x, t.expand(x.shape[0]))
@@ -462,7 +478,7 @@ class ScoreSDE(nn.Module):
         ts = torch.linspace(self.t_start, self.t_end, steps, device=x.device)
         dt = abs(self.t_start - self.t_end) / (steps - 1)
         (alpha, sigma), (f, g2), lang = self.marginal(ts), self.sde(ts), self.langevin_alpha(ts)
-        noise = lambda: torch.randn(x.shape, generator=generator, device=x.device)
+        noise = lambda: randn(x.shape, generator, x.device)
         # norms averaged over the batch, as Song et al.'s code: per-sample ratios are noisy at small D
         norm = lambda v: v.flatten(1).norm(dim=1).mean()
         trajectory = [x]
@@ -732,7 +748,7 @@ class Diffusion(ScoreSDE):
                 x0 = x0.clamp(-1, 1)
             x = d.posterior_mean_coef1[i] * x0 + d.posterior_mean_coef2[i] * x
             if i > 0:  # no noise at the last step: x_0 is the mean
-                x = x + sigmas[i] * torch.randn(x.shape, generator=generator, device=x.device)
+                x = x + sigmas[i] * randn(x.shape, generator, x.device)
             if return_trajectory:
                 trajectory.append(x)
             if progress:
@@ -796,7 +812,7 @@ class Diffusion(ScoreSDE):
                     / extract(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
             x = c_x0[k] * x0 + c_eps[k] * eps
             if eta > 0 and k < steps - 1:  # no noise at the last step (sigma is 0 there anyway)
-                x = x + sigma[k] * torch.randn(x.shape, generator=generator, device=x.device)
+                x = x + sigma[k] * randn(x.shape, generator, x.device)
             if return_trajectory:
                 trajectory.append(x)
             if progress:
@@ -866,7 +882,7 @@ class Diffusion(ScoreSDE):
             history = [x0.clamp(-1, 1) if clip_x0 else x0, *history[:order - 1]]
             x = c[k] * x + sum(w[k, j] * m for j, m in enumerate(history))
             if eta > 0 and k < steps - 1:  # no noise at the last step (s is 0 there)
-                x = x + s[k] * torch.randn(x.shape, generator=generator, device=x.device)
+                x = x + s[k] * randn(x.shape, generator, x.device)
             if return_trajectory:
                 trajectory.append(x)
             if progress:

@@ -16,14 +16,21 @@ the 1008-way logits without the fc bias. KID (Binkowski et al. 2018) and precisi
     python fid.py --isc generated/                      # Inception Score, mean and std over splits
     python fid.py --kid real/ generated/                # FID, then KID (torch-fidelity's subsets)
     python fid.py --prc real/ generated/                # FID, then precision and recall (k = 3)
+    torchrun --nproc_per_node 4 fid.py real/ generated/ # each process embeds a quarter of the images
+
+The Processes helpers at the end of the network section are what train.py and sample.py use under
+torchrun as well (rank, share of the work, gathering to rank 0).
 """
 import argparse
+import datetime
 import os
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -218,6 +225,109 @@ def check_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FIDError(f"--device {name}: this machine has no CUDA device")
     return device
+
+
+# ----------------------------------------------------------------------------------------------
+# processes: one (python fid.py), or many launched by torchrun (torch.distributed)
+
+DIST_TIMEOUT = datetime.timedelta(minutes=30)  # how long a rank waits for the others, e.g. while rank 0 saves
+
+
+class Stopped(Exception):
+    """SIGTERM: torchrun ends the other processes when one fails (or the job is cancelled)."""
+
+
+class Processes:
+    """This process's place in a torchrun launch (RANK, WORLD_SIZE and LOCAL_RANK in the environment),
+    or the one process of a plain `python` run: rank 0 of 1. start() joins the process group: gloo on
+    CPUs, nccl on GPUs, where rank r uses cuda:LOCAL_RANK."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    def start(self, device_name):
+        """The checked device of this process; joins the process group under torchrun."""
+        device = check_device(device_name)
+        if self.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if self.world > 1 and not dist.is_initialized():
+            signal.signal(signal.SIGTERM, self._terminated)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        self.device = device
+        return device
+
+    def _terminated(self, *_):
+        raise Stopped(f"rank {self.rank} stopped by torchrun: another process failed or the job was cancelled")
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def prefix(self, script):
+        """'script: ' or, under torchrun, 'script (rank r): ' for messages."""
+        return f"{script}{f' (rank {self.rank})' if self.world > 1 else ''}: "
+
+    def span(self, n, block=1):
+        """This rank's share [start, end) of n items dealt in whole blocks, contiguously by rank."""
+        blocks = -(-n // block)
+        lo, hi = blocks * self.rank // self.world, blocks * (self.rank + 1) // self.world
+        return min(lo * block, n), min(hi * block, n)
+
+    def gather(self, x):
+        """Rows of x [n_r, ...] from every rank, concatenated in rank order on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return x
+        local = x.to(self.device)
+        counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
+        dist.all_gather(counts, torch.tensor([len(x)], device=self.device))
+        counts = [int(c) for c in counts]
+        pad = local.new_zeros((max(counts), *x.shape[1:]))
+        pad[:len(x)] = local
+        parts = [torch.empty_like(pad) for _ in range(self.world)] if self.main else None
+        dist.gather(pad, parts, dst=0)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device) if self.main else None
+
+    def agree(self, fn):
+        """Run fn on rank 0; its exception's text is raised on every rank as ErrorType(text)."""
+        if self.world == 1:
+            return fn()
+        error = [None]
+        if self.main:
+            try:
+                fn()
+            except Exception as e:  # passed on to every rank below
+                error = [(type(e), str(e))]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0][0](error[0][1])
+
+    def any(self, flag):
+        """True on every rank when flag is true on any (a collective: every rank must call it)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum(self, t):
+        """t summed over the ranks, in place (a collective: every rank must call it)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def min(self, t):
+        """The ranks' elementwise minimum of t, in place."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
 
 
 def weights_cache_path():
@@ -514,12 +624,30 @@ def save_stats(path, mu, sigma):
     atomic_write(path, write)
 
 
-def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False, isc_input=False):
-    """pool3 features and logits of every readable image under folder (progress on stderr)."""
+def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False, isc_input=False, procs=None):
+    """pool3 features and logits of every readable image under folder (progress on stderr). With
+    procs (torchrun), each rank embeds its share of the files and rank 0 gets them all (others None)."""
+    files = list_images(folder)
+    if not files:
+        raise FIDError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if procs is not None:
+        lo, hi = procs.span(len(files))
+        files, quiet = files[lo:hi], quiet or not procs.main
     skipped = {}
     tty = sys.stderr.isatty() and not quiet
     show = (lambda n: print(f"\r{folder}: {n} images", end="", file=sys.stderr)) if tty else None
-    feats, logits = get_activations(folder_batches(folder, batch_size, num_workers, skipped), model, show, isc_input)
+    batches = decode_files(files, read_image, batch_size, num_workers, skipped)
+    try:
+        feats, logits = get_activations(batches, model, show, isc_input)
+    except FIDError:  # no readable image in this share: the others may have some
+        feats, logits = np.zeros((0, 2048)), np.zeros((0, 1008))
+    if procs is not None and procs.world > 1:
+        feats, logits = (procs.gather(torch.from_numpy(a)) for a in (feats, logits))
+        if not procs.main:
+            return None, None
+        feats, logits = feats.numpy(), logits.numpy()
+    if len(feats) == 0:
+        raise FIDError(f"{folder}: no readable images")
     if not quiet:
         print(("\r" if tty else "") + f"{folder}: {feats.shape[0]} images"
               + (f" ({describe_skipped(skipped)}, skipped)" if skipped else ""), file=sys.stderr)
@@ -567,8 +695,9 @@ def main(argv=None):
     if modes != 1 or (args.path and len(args.path) != 2):
         p.error("give two paths, or --save-stats FOLDER OUT_NPZ, or --isc FOLDER")
     inputs = [args.isc] if args.isc else [args.save_stats[0]] if args.save_stats else args.path
+    procs = Processes()  # under torchrun each rank embeds a share of the images; rank 0 reports
     try:
-        check_device(args.device)
+        device = procs.start(args.device)
         if args.splits < 1 or args.batch_size < 1 or args.num_workers < 0:
             raise FIDError("--splits and --batch-size must be at least 1, --num-workers at least 0")
         if args.save_stats and not Path(args.save_stats[1]).resolve().parent.is_dir():
@@ -584,10 +713,12 @@ def main(argv=None):
             raise FIDError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
         need = args.splits if args.isc else max(2, args.prc_k + 1 if args.prc else 2)
         stats = [check_input(x, need) for x in inputs]
-        model = None if all(s is not None for s in stats) else load_inception(args.weights, args.device)
+        model = None if all(s is not None for s in stats) else load_inception(args.weights, device)
         acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers,
-                                                              isc_input=bool(args.isc))
+                                                              isc_input=bool(args.isc), procs=procs)
                 for x, s in zip(inputs, stats)]
+        if not procs.main:
+            return 0
         if args.isc:
             mean, std = inception_score(acts[0][1], args.splits)
             print(f"IS: {mean:.4f} +- {std:.4f}")
@@ -604,12 +735,18 @@ def main(argv=None):
             if args.prc:
                 precision, recall = precision_recall(acts[0][0], acts[1][0], args.prc_k)
                 print(f"precision: {precision:.4f}\nrecall: {recall:.4f}")
-    except (FIDError, ValueError, OSError) as e:
-        print(f"fid.py: error: {e}", file=sys.stderr)
+    except (FIDError, ValueError, OSError, Stopped) as e:
+        print(f"{procs.prefix('fid.py')}error: {e}", file=sys.stderr)
+        return 1
+    except dist.DistError as e:
+        print(f"{procs.prefix('fid.py')}error: lost contact with another process ({str(e).splitlines()[0][:150]})",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nfid.py: interrupted", file=sys.stderr)
         return 130
+    finally:
+        procs.close()
     return 0
 
 

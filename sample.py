@@ -12,6 +12,10 @@ DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-
     python sample.py runs/demo --interpolate                       # slerp between two noises, DDIM-decoded
     python sample.py runs/mnist --invert two.png five.png --mix 0.5   # DDIM-invert, mix latents, decode
     python sample.py runs/demo --n 1000 --fid real.npz             # FID of the samples against a folder/.npz
+    torchrun --nproc_per_node 8 sample.py runs/cifar --num-samples 50000 --out imgs/ --fid cifar.npz
+
+Sample i starts from noise seeded by (--seed, i), so the images and file names are the same for any
+number of torchrun processes (each draws its share of whole batches; rank 0 writes the grid and the FID).
 
 The EMA weights are used unless --no-ema. Checkpoints load with weights_only=True, so a
 checkpoint file cannot run code.
@@ -76,21 +80,24 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
     return out if trajectory else (out, None)
 
 
-def generate(args, diffusion, model, shape, x_T=None, trajectory=False):
-    """Samples [N, C, H, W] in [-1, 1] (and the trajectories), in batches of --batch-size."""
+def generate(args, diffusion, model, shape, procs, each, x_T=None, trajectory=False):
+    """This rank's share of shape[0] samples, in whole batches of --batch-size: each(i, x) gets every
+    batch (x in [-1, 1], i its first sample's index) as it is made. Sample i's noise comes from
+    generators seeded by (--seed, i). Returns the trajectories [N, steps + 1, C, H, W] when asked."""
     device = diffusion.device
-    g = torch.Generator(device).manual_seed(args.seed)
     n = shape[0] if x_T is None else x_T.shape[0]
-    xs, trajs = [], []
-    for i in range(0, n, args.batch_size):
-        k = min(args.batch_size, n - i)
+    lo, hi = procs.span(n, args.batch_size)
+    trajs = []
+    for i in range(lo, hi, args.batch_size):
+        k = min(args.batch_size, hi - i)
         start = None if x_T is None else x_T[i:i + k].to(device)
         label = f"batch {i // args.batch_size + 1}/{math.ceil(n / args.batch_size)}"
-        x, traj = sample_batch(args, diffusion, model, (k, *shape[1:]), start, g, trajectory, make_progress(label))
-        xs.append(x.cpu())
+        gens = ddpm.sample_generators(args.seed, range(i, i + k), device)
+        x, traj = sample_batch(args, diffusion, model, (k, *shape[1:]), start, gens, trajectory, make_progress(label))
+        each(i, x)
         if trajectory:
             trajs.append(torch.stack([t.cpu() for t in traj], 1))  # (k, steps + 1, C, H, W)
-    return torch.cat(xs), (torch.cat(trajs) if trajectory else None)
+    return torch.cat(trajs) if trajectory else None
 
 
 def training_images(args, ckpt, n):
@@ -168,7 +175,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("run", metavar="RUN_OR_CKPT", help="a run folder of train.py or its ckpt.pt")
-    a("--n", type=int, default=64, help="number of samples")
+    a("--num-samples", "--n", dest="n", type=int, default=64, help="number of samples (--n: not under torchrun)")
     a("--sampler", default=None, choices=("ddpm", "ddim", "dpm++", "em", "pc", "ode"),
       help="None: dpm++ for DDPM runs, ode for VE runs. em/pc/ode solve the reverse SDE / probability-flow ODE")
     a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 20, em/pc 500, ddpm all T (fewer: respaced)")
@@ -216,7 +223,8 @@ def check_args(args, is_ve):
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
         if value is not None and value < least:
-            raise train.UserError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+            flag = "num-samples" if name == "n" else name.replace("_", "-")
+            raise train.UserError(f"--{flag} must be at least {least}, got {value}")
     args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
     if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert or args.vlb):
         what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
@@ -228,8 +236,15 @@ def check_args(args, is_ve):
         raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
 
 
-def run(args):
-    device = fid.check_device(args.device)
+SINGLE_PROCESS = ("nll", "vlb", "forward", "invert", "interpolate", "trajectory", "nearest")
+GRID_LIMIT = 256  # the grid shows the first samples, at most this many
+
+
+def run(args, procs):
+    device = procs.start(args.device)
+    single = [name for name in SINGLE_PROCESS if getattr(args, name)]
+    if single and procs.world > 1:
+        raise train.UserError(f"--{single[0]} runs in one process: start it with python, not torchrun")
     ckpt, model, ema, diffusion = train.load_checkpoint(args.run, device)
     net = train.sampling_model(ckpt["config"], (model if args.no_ema else ema.model).eval(), diffusion)
     if args.channels_last:
@@ -238,8 +253,9 @@ def run(args):
     c, s = cfg["in_channels"], cfg["image_size"]
     is_ve = isinstance(diffusion, ddpm.VESDE)
     check_args(args, is_ve)
-    print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
-          f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
+    if procs.main:
+        print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
+              f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
     if args.nll:
         negative_log_likelihood(args, ckpt, diffusion, net)
         return
@@ -255,30 +271,13 @@ def run(args):
             raise train.UserError(f"--nearest {args.nearest}: the run has {len(images)} training images")
         with_weights = args.fid_weights or Path(fid.weights_cache_path()).is_file()
         nearest_net = fid.load_inception(args.fid_weights, device) if with_weights else None
-
-    if args.forward:  # q(x_t | x_0) at t = 0, T/9, ..., T-1 with one shared noise
-        x0 = load_image(args.forward, s, c).to(device)
-        ts = torch.linspace(0, diffusion.T - 1, 10).round().long().to(device)
-        noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-        row = diffusion.q_sample(x0.expand(10, -1, -1, -1), ts, noise.expand(10, -1, -1, -1))
-        train.save_grid(torch.cat([x0, row]), args.grid, nrow=11)
-        print(f"wrote {args.grid}: the image, then x_t at t = {ts.tolist()}", file=sys.stderr)
+    if args.forward:
+        forward_process(args, diffusion, s, c)
+        return
+    if args.invert:
+        invert_and_mix(args, diffusion, net, s, c)
         return
 
-    if args.invert:  # seed 004's experiment: invert two images, slerp their latents, decode
-        x0 = torch.cat([load_image(f, s, c) for f in args.invert]).to(device)
-        steps, spacing = args.steps or STEPS["ddim"], args.spacing or "trailing"
-        x_T = diffusion.ddim_invert(net, x0, steps=steps, spacing=spacing, progress=make_progress("inverting"))
-        latents = torch.cat([x_T, slerp(x_T[:1], x_T[1:], args.mix)])
-        out = diffusion.ddim_sample(net, x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
-        pixel = (torch.cat([x0, 0.5 * (x0[:1] + x0[1:])]), out)
-        train.save_grid(torch.cat(pixel).clamp(-1, 1), args.grid, nrow=3)
-        err = (out[:2] - x0).abs().max().item()
-        print(f"wrote {args.grid}: top row A, B, their pixel average; bottom row A and B decoded from their "
-              f"inversions (max error {err:.4f}) and the latent mix at {args.mix}", file=sys.stderr)
-        return
-
-    shape = (args.n, c, s, s)
     x_T = None
     if args.interpolate:
         g = torch.Generator(device).manual_seed(args.seed)
@@ -286,37 +285,85 @@ def run(args):
         x_T = slerp(a.expand(args.n, -1, -1, -1), b.expand(args.n, -1, -1, -1),
                     torch.linspace(0, 1, args.n, device=device).reshape(-1, 1, 1, 1))
         args.sampler, args.eta = ("ode" if is_ve else "ddim"), 0.0  # deterministic decoding: a smooth path
-    x, traj = generate(args, diffusion, net, shape, x_T, trajectory=bool(args.trajectory))
-    train.save_grid(x, args.grid, nrow=args.n if args.interpolate else None)
-    print(f"wrote {args.grid} ({x.shape[0]} images)", file=sys.stderr)
+    kept = {"grid": [torch.zeros((0, c, s, s), dtype=torch.uint8)], "all": [], "feats": []}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(fid.to_uint8(x)):
-            fid.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), Path(args.out) / f"{i:06d}.png")
-        print(f"wrote {x.shape[0]} PNGs to {args.out}", file=sys.stderr)
+
+    def each(i, x):  # a batch as it is made: its PNGs, its grid images, its FID features
+        images = fid.to_uint8(x).cpu()
+        for j, im in enumerate(images) if args.out else ():
+            fid.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), Path(args.out) / f"{i + j:06d}.png")
+        kept["grid"].append(images[:max(GRID_LIMIT - i, 0)])
+        if args.nearest:
+            kept["all"].append(x.cpu())
+        if args.fid:
+            kept["feats"].append(torch.from_numpy(fid.get_activations(images.split(50), inception)[0]))
+
+    traj = generate(args, diffusion, net, (args.n, c, s, s), procs, each, x_T, trajectory=bool(args.trajectory))
+    grid = procs.gather(torch.cat(kept["grid"]))
+    feats = procs.gather(torch.cat(kept["feats"])) if args.fid else None
+    if not procs.main:
+        return
+    train.save_grid(grid, args.grid, nrow=args.n if args.interpolate else None)
+    shown = f"the first {len(grid)} of {args.n} images" if len(grid) < args.n else f"{args.n} images"
+    print(f"wrote {args.grid} ({shown})", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.n} PNGs to {args.out}" + (f" ({procs.world} processes)" if procs.world > 1 else ""),
+              file=sys.stderr)
     if args.trajectory:
         cols = torch.linspace(0, traj.shape[1] - 1, 10).round().long()
         rows = traj[:8, cols]  # (rows, 10, C, H, W)
         train.save_grid(rows.flatten(0, 1), args.trajectory, nrow=10)
         print(f"wrote {args.trajectory}: columns from x_T (left) to x_0 (right)", file=sys.stderr)
     if args.nearest:
-        memorisation_check(args, x, images, nearest_net)
+        memorisation_check(args, torch.cat(kept["all"]), images, nearest_net)
     if args.fid:
         ref = ref if ref is not None else fid.path_statistics(args.fid, inception)
-        feats = fid.get_activations(fid.tensor_batches(x), inception)[0]
-        print(f"FID: {fid.checked_fid(*fid.activation_statistics(feats), *ref):.4f}")
+        print(f"FID: {fid.checked_fid(*fid.activation_statistics(feats.numpy()), *ref):.4f}")
+
+
+def forward_process(args, diffusion, s, c):
+    """--forward: q(x_t | x_0) at t = 0, T/9, ..., T-1 with one shared noise."""
+    device = diffusion.device
+    x0 = load_image(args.forward, s, c).to(device)
+    ts = torch.linspace(0, diffusion.T - 1, 10).round().long().to(device)
+    noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+    row = diffusion.q_sample(x0.expand(10, -1, -1, -1), ts, noise.expand(10, -1, -1, -1))
+    train.save_grid(torch.cat([x0, row]), args.grid, nrow=11)
+    print(f"wrote {args.grid}: the image, then x_t at t = {ts.tolist()}", file=sys.stderr)
+
+
+def invert_and_mix(args, diffusion, net, s, c):
+    """--invert, seed 004's experiment: DDIM-invert two images, slerp their latents, decode."""
+    x0 = torch.cat([load_image(f, s, c) for f in args.invert]).to(diffusion.device)
+    steps, spacing = args.steps or STEPS["ddim"], args.spacing or "trailing"
+    x_T = diffusion.ddim_invert(net, x0, steps=steps, spacing=spacing, progress=make_progress("inverting"))
+    latents = torch.cat([x_T, slerp(x_T[:1], x_T[1:], args.mix)])
+    out = diffusion.ddim_sample(net, x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
+    pixel = (torch.cat([x0, 0.5 * (x0[:1] + x0[1:])]), out)
+    train.save_grid(torch.cat(pixel).clamp(-1, 1), args.grid, nrow=3)
+    err = (out[:2] - x0).abs().max().item()
+    print(f"wrote {args.grid}: top row A, B, their pixel average; bottom row A and B decoded from their "
+          f"inversions (max error {err:.4f}) and the latent mix at {args.mix}", file=sys.stderr)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    procs = fid.Processes()
     try:
-        run(args)
-    except (train.UserError, fid.FIDError, ValueError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        run(args, procs)
+    except (train.UserError, fid.FIDError, ValueError, OSError, fid.Stopped) as e:
+        print(f"{procs.prefix('sample.py')}error: {e}", file=sys.stderr)
+        return 1
+    except torch.distributed.DistError as e:
+        print(f"{procs.prefix('sample.py')}error: lost contact with another process ({str(e).splitlines()[0][:150]})",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nsample.py: interrupted", file=sys.stderr)
         return 130
+    finally:
+        procs.close()
     return 0
 
 

@@ -23,10 +23,13 @@ import signal
 import sys
 import time
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from PIL import Image, ImageDraw, ImageOps
 
 import ddpm
@@ -291,7 +294,8 @@ def parse_args(argv=None):
     a("--dropout", type=float)
     a("--act", choices=("silu", "relu"), default="silu")
     a("--norm", choices=("group", "batch"), default="group")
-    a("--batch-size", type=int, default=64)
+    a("--batch-size", type=int, default=64, help="the global batch: split evenly among torchrun's processes")
+    a("--grad-accum", type=int, default=1, help="micro-batches per process and step (same result, less memory)")
     a("--lr", type=float, help="peak learning rate; None: 1e-3 for tiny, 2e-4 (Ho et al.) for larger presets")
     a("--warmup", type=int, default=200, help="linear warm-up steps")
     a("--decay", default="cosine", choices=("cosine", "none"), help="learning-rate decay to 10%% after warm-up")
@@ -316,7 +320,7 @@ def parse_args(argv=None):
 
 FIRST_GRID = 100  # a grid this early too: a new user sees one within about a minute of a CPU demo
 AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
-                "base_channels", "num_res_blocks", "steps", "num_heads")
+                "base_channels", "num_res_blocks", "steps", "num_heads", "grad_accum")
 AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout")
 
 
@@ -434,34 +438,57 @@ def lr_at(step, cfg, total):
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def progress_line(step, total, epoch, loss, ips, eta_s):
-    return (f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | {ips:.0f} img/s | "
+def progress_line(step, total, epoch, loss, ips, eta_s, world):
+    shared = f" | {world} processes" if world > 1 else ""
+    return (f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | {ips:.0f} img/s{shared} | "
             f"ETA {int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m{int(eta_s % 60):02d}s")
 
+# ----------------------------------------------------------------------------------------------
+# the run, top to bottom: setup -> data -> model and optimiser -> the loop -> save.
+# Under torchrun every process runs all of it; rank 0 alone writes the run folder.
 
-def train(args):
-    # -- configuration: a resumed run takes everything from its checkpoint --------------------
+
+def setup(args, procs):
+    """Checked options, this process's device, the run's configuration and folder: (cfg, out,
+    resumed, device). A resumed run takes its configuration from its checkpoint."""
     check_args(args)
-    device = torch.device(args.device)
+    device = procs.start(args.device)
+    resumed = None
     if args.resume:
-        ckpt, model, ema, diffusion = load_checkpoint(args.resume, device)
-        cfg, out = ckpt["config"], Path(args.resume)
+        resumed = load_checkpoint(args.resume, device)
+        cfg, out = resumed[0]["config"], Path(args.resume)
         out = out.parent if out.is_file() else out  # --resume RUN or RUN/ckpt.pt, as sample.py
-        if args.steps:  # the one thing a resume may change: how long to go on
+        if args.steps:  # what a resume may change: how long to go on, and how the batch is split
             cfg["steps"] = args.steps
-        defaults, kept = vars(parse_args([])), ("resume", "steps", "device")
+        cfg["grad_accum"] = args.grad_accum
+        defaults, kept = vars(parse_args([])), ("resume", "steps", "device", "grad_accum")
         ignored = [k for k, v in vars(args).items() if k not in kept and v != defaults[k]]
-        if ignored:
+        if ignored and procs.main:
             print(f"note: {', '.join('--' + k.replace('_', '-') for k in ignored)} ignored: a resumed run keeps "
-                  f"its configuration (only --steps and --device apply)", file=sys.stderr)
+                  f"its configuration (only --steps, --grad-accum and --device apply)", file=sys.stderr)
     else:
-        cfg, out, ckpt = run_config(args), Path(args.out), None
-        prepare_out(out)
-    mcfg = cfg["model"]
-    torch.manual_seed(cfg["seed"])
+        cfg, out = run_config(args), Path(args.out)
+    cfg["world_size"] = procs.world
+    check_split(cfg)
+    if not args.resume:
+        procs.agree(lambda: prepare_out(out))
+    return cfg, out, resumed, device
 
-    # -- data --------------------------------------------------------------------------------
-    size, channels = mcfg["image_size"], mcfg["in_channels"]
+
+def check_split(cfg):
+    """The global batch must split evenly into world_size x grad_accum equal parts."""
+    batch, world, accum = cfg["batch_size"], cfg["world_size"], cfg.get("grad_accum", 1)
+    if batch % (world * accum):
+        raise UserError(f"--batch-size {batch} is the global batch: it does not split evenly among {world} "
+                        f"process{'es' * (world > 1)} x {accum} micro-batch{'es' * (accum > 1)} (--grad-accum)")
+    if world * accum > 1 and cfg["model"]["norm"] == "batch":
+        raise UserError("--norm batch with several processes or --grad-accum: its statistics would depend on how "
+                        "the batch is split; use --norm group")
+
+
+def load_data(cfg, device, procs):
+    """The training images (uint8, on the device when they fit in memory) and the steps an epoch."""
+    size, channels = cfg["model"]["image_size"], cfg["model"]["in_channels"]
     if cfg["data"]:
         data = load_folder(cfg["data"], size, channels, cfg["workers"])
     else:
@@ -471,174 +498,328 @@ def train(args):
     per_epoch = max(len(data) // cfg["batch_size"], 1)
     if not cfg["steps"]:
         cfg["steps"] = 1500 if not cfg["data"] else cfg["epochs"] * per_epoch
-    total = cfg["steps"]
-    print(f"data: {len(data)} images {channels}x{size}x{size} from {cfg['data'] or 'the built-in demo shapes'}; "
-          f"{per_epoch} steps an epoch, {total} steps", file=sys.stderr)
+    if procs.main:
+        print(f"data: {len(data)} images {channels}x{size}x{size} from {cfg['data'] or 'the built-in demo shapes'}; "
+              f"{per_epoch} steps an epoch, {cfg['steps']} steps", file=sys.stderr)
+    return data, per_epoch
 
-    # -- model, diffusion, optimizer ---------------------------------------------------------
-    if ckpt is None:
-        model = ddpm.UNet(**mcfg).to(device)
-        ema = ddpm.EMA(model, cfg["ema_decay"])
-        diffusion = make_process(cfg).to(device)
-    print(f"model: {ddpm.count_params(model) / 1e6:.2f} M parameters", file=sys.stderr)
-    a_T = diffusion.alphas_cumprod[-1].item() if isinstance(diffusion, ddpm.Diffusion) else 0.0
-    if isinstance(diffusion, ddpm.VESDE):
-        print(f"process: VE SDE dx = {diffusion.sigma:g}^t dw, prior std {diffusion.prior_std:.2f}", file=sys.stderr)
+
+def build(cfg, resumed, device, procs):
+    """The model (new, or from the checkpoint), its EMA, the process, the optimiser, the loss scaler
+    and `draws`, the generator of every step's flips, timesteps and noise; the step to start from."""
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    if resumed:
+        ckpt, model, ema, process = resumed
     else:
+        model = ddpm.UNet(**cfg["model"]).to(device)
+        ema = ddpm.EMA(model, cfg["ema_decay"])
+        process = make_process(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    draws = torch.Generator(device).manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"] + procs.rank)  # dropout: each rank its own masks
+    step = 0
+    if resumed:
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if "draws" in ckpt["rng"]:
+            draws.set_state(ckpt["rng"]["draws"].cpu())
+        else:  # a checkpoint of an earlier version, whose draws came from the global generator
+            draws.manual_seed(cfg["seed"] + step)
+        if procs.main:
+            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    use_amp = bool(cfg["amp"]) and device.type == "cuda"
+    if cfg["amp"] and not use_amp and procs.main:
+        print("note: --amp applies on CUDA only; training in float32", file=sys.stderr)
+    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    net = model
+    if procs.world > 1:  # gradients averaged across ranks in backward; no buffers to keep in step
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
+    return SimpleNamespace(
+        model=model, ema=ema, process=process, opt=opt, draws=draws, step=step, net=net,
+        fwd=torch.compile(net) if cfg["compile"] else net, memory_format=memory_format,
+        amp=dict(device_type=device.type, enabled=use_amp,
+                 dtype=torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16),
+        scaler=torch.amp.GradScaler(enabled=use_amp and cfg["amp"] == "fp16"))
+
+
+def describe(cfg, state, procs):
+    """What rank 0 says about the model, the process and the split of the batch before training."""
+    print(f"model: {ddpm.count_params(state.model) / 1e6:.2f} M parameters", file=sys.stderr)
+    process = state.process
+    if isinstance(process, ddpm.VESDE):
+        print(f"process: VE SDE dx = {process.sigma:g}^t dw, prior std {process.prior_std:.2f}", file=sys.stderr)
+        a_T = 0.0
+    else:
+        a_T = process.alphas_cumprod64[-1].item()
         print(f"schedule: {cfg['schedule']} T={cfg['T']}, alpha-bar_T = {a_T:.2e}", file=sys.stderr)
     if a_T > 0.01:
         print(f"warning: alpha-bar_T = {a_T:.3f} > 0.01: x_T keeps {math.sqrt(a_T):.0%} of the image, so "
               "sampling from pure noise starts off the training distribution; use --schedule cosine "
               "or a larger --beta-end", file=sys.stderr)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    step = 0
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-        print(f"resumed {out} at step {step}", file=sys.stderr)
-    use_amp = cfg["amp"] and device.type == "cuda"
-    if cfg["amp"] and not use_amp:
-        print("note: --amp applies on CUDA only; training in float32", file=sys.stderr)
-    amp_dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(enabled=bool(use_amp and cfg["amp"] == "fp16"))
-    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    fwd = torch.compile(model) if cfg["compile"] else model
+    world, accum, batch = procs.world, cfg["grad_accum"], cfg["batch_size"]
+    if world * accum > 1:
+        print(f"batch: {batch} images a step, {world} process{'es' * (world > 1)} x {batch // world} "
+              f"({accum} micro-batch{'es' * (accum > 1)} of {batch // world // accum})", file=sys.stderr)
+    if world > 1 and cfg["model"]["dropout"] > 0:
+        print("note: with dropout each process draws its own masks, so the run is not the same as on one "
+              "process (everything else is)", file=sys.stderr)
 
-    # -- the run folder ----------------------------------------------------------------------
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    fid.atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
-    log_path = out / "log.csv"
-    rows = []
-    if ckpt is not None and log_path.exists():  # drop rows logged after the checkpoint was saved
-        with open(log_path) as f:
-            rows = [r for r in csv.reader(f)][1:]
-        rows = [r for r in rows if int(r[0]) <= step]
-    def write_log(tmp):  # the kept rows, atomically; later rows are appended as training goes
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
-    fid.atomic_write(log_path, write_log)
+# ----------------------------------------------------------------------------------------------
+# what rank 0 writes, and the FID that every rank helps to compute
 
-    def checkpoint():
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"the weights are no longer finite at step {step}; not saving over the last good "
-                            f"{out / 'ckpt.pt'} (try a lower --lr or --grad-clip)")
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "ema": ema.state_dict(),
-                                          "optimizer": opt.state_dict(), "step": step,
-                                          "epoch": step // per_epoch, "config": cfg, "rng": rng})
-        plot_loss(log_path, out / "loss.png")
 
-    def sample_grid():
-        g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
-        x = draw(diffusion, sampling_model(cfg, ema.model, diffusion), (cfg["sample_n"], channels, size, size), cfg["sample_steps"], g)
-        save_grid(x, out / "samples" / f"step_{step:06d}.png")
+class RunFolder:
+    """The run folder, written by rank 0 alone: config.json, log.csv (rows after the checkpoint's step
+    dropped on resume), ckpt.pt (atomic), loss.png, samples/step_NNNNNN.png and fid.csv."""
 
-    fid_state = {"model": None, "ref": None, "off": False}
-
-    def measure_fid():
-        if fid_state["off"]:
+    def __init__(self, out, cfg, step, resumed, procs, per_epoch):
+        self.out, self.cfg, self.main, self.log_path = out, cfg, procs.main, out / "log.csv"
+        self.per_epoch = per_epoch
+        if not self.main:
             return
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        fid.atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
+        rows = []
+        if resumed and self.log_path.exists():
+            with open(self.log_path) as f:
+                rows = [r for r in list(csv.reader(f))[1:] if int(r[0]) <= step]
+
+        def write_log(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
+        fid.atomic_write(self.log_path, write_log)
+
+    def log(self, row):
+        if self.main:
+            with open(self.log_path, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+
+    def checkpoint(self, state):
+        if not self.main:
+            return
+        rng = {"cpu": torch.get_rng_state(), "draws": state.draws.get_state(),
+               "cuda": torch.cuda.get_rng_state() if state.draws.device.type == "cuda" else None}
+        save_checkpoint(self.out / "ckpt.pt", {
+            "model": state.model.state_dict(), "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
+            "step": state.step, "epoch": state.step // self.per_epoch, "config": self.cfg, "rng": rng})
+        plot_loss(self.log_path, self.out / "loss.png")
+
+    def grid(self, state):
+        if not self.main:
+            return
+        cfg, m = self.cfg, self.cfg["model"]
+        g = torch.Generator(state.draws.device).manual_seed(cfg["seed"])  # its own: training draws untouched
+        net = sampling_model(cfg, state.ema.model, state.process)
+        x = draw(state.process, net, (cfg["sample_n"], m["in_channels"], m["image_size"], m["image_size"]),
+                 cfg["sample_steps"], g)
+        save_grid(x, self.out / "samples" / f"step_{state.step:06d}.png")
+
+
+class TrainingFID:
+    """FID of --fid-samples EMA samples against as many training images. Every rank draws and embeds
+    its share (sample i's noise from (seed + 1, i)); rank 0 gathers the features and writes fid.csv.
+    Without Inception weights: one note, then off."""
+
+    def __init__(self, cfg, data, procs):
+        self.cfg, self.data, self.procs, self.net, self.ref, self.off = cfg, data, procs, None, None, False
+
+    def features(self, images):
+        return torch.from_numpy(fid.get_activations(images.split(50), self.net)[0])
+
+    def start(self):
         try:
-            if fid_state["model"] is None:
-                fid_state["model"] = fid.load_inception(device=device)
-                pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))
-                ref = data[pick[:max(cfg["fid_samples"], 2)]].to(device)  # a random subset, not the first files
-                fid_state["ref"] = fid.activation_statistics(fid.get_activations(ref.split(50), fid_state["model"])[0])
+            self.net = fid.load_inception(device=self.procs.device)
         except fid.FIDError as e:
-            print(f"\nnote: FID skipped for this run: {e}", file=sys.stderr)
-            fid_state["off"] = True
+            error = str(e)
+        else:
+            error = None
+        if self.procs.any(error is not None):
+            if self.procs.main:
+                print(f"\nnote: FID skipped for this run: {error or 'Inception weights missing on a process'}",
+                      file=sys.stderr)
+            self.off = True
             return
-        g = torch.Generator(device).manual_seed(cfg["seed"] + 1)
-        xs = [draw(diffusion, sampling_model(cfg, ema.model, diffusion), (min(100, cfg["fid_samples"] - i), channels, size, size),
-                   cfg["sample_steps"], g)
-              for i in range(0, cfg["fid_samples"], 100)]
-        feats = fid.get_activations(fid.tensor_batches(torch.cat(xs)), fid_state["model"])[0]
-        value = fid.frechet_distance(*fid.activation_statistics(feats), *fid_state["ref"])
-        with open(out / "fid.csv", "a") as f:
-            f.write(f"{step},{value:.4f}\n")
-        print(f"\nstep {step}: FID {value:.2f} ({cfg['fid_samples']} samples)", file=sys.stderr)
+        n = self.cfg["fid_samples"]
+        pick = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg["seed"]))[:n]
+        lo, hi = self.procs.span(len(pick))  # a random subset of the training set, not its first files
+        feats = self.procs.gather(self.features(self.data[pick[lo:hi]].to(self.procs.device)))
+        self.ref = fid.activation_statistics(feats.numpy()) if self.procs.main else None
 
+    def measure(self, state, out):
+        if self.net is None and not self.off:
+            self.start()
+        if self.off:
+            return
+        cfg, m, device = self.cfg, self.cfg["model"], self.procs.device
+        net = sampling_model(cfg, state.ema.model, state.process)
+        lo, hi = self.procs.span(cfg["fid_samples"], 100)
+        xs = [draw(state.process, net, (min(100, hi - i), m["in_channels"], m["image_size"], m["image_size"]),
+                   cfg["sample_steps"], ddpm.sample_generators(cfg["seed"] + 1, range(i, min(i + 100, hi)), device))
+              for i in range(lo, hi, 100)]
+        mine = self.features(fid.to_uint8(torch.cat(xs))) if xs else torch.zeros(0, 2048, dtype=torch.float64)
+        feats = self.procs.gather(mine)
+        if self.procs.main:
+            value = fid.frechet_distance(*fid.activation_statistics(feats.numpy()), *self.ref)
+            with open(out / "fid.csv", "a") as f:
+                f.write(f"{state.step},{value:.4f}\n")
+            print(f"\nstep {state.step}: FID {value:.2f} ({cfg['fid_samples']} samples)", file=sys.stderr)
+
+# ----------------------------------------------------------------------------------------------
+# one step, and the loop
+
+
+def train_step(state, data, cfg, procs):
+    """One optimiser step on the global batch of state.step. Every rank draws the whole batch's flips,
+    timesteps and noise from state.draws and takes its share, and --grad-accum splits the share into
+    micro-batches, so the result does not depend on either. The loss is sum(per-sample) x world / batch:
+    DDP averages over the world, giving the gradient of the mean over the global batch.
+    Returns this rank's sum of per-sample losses (on the device: no host sync) and the epoch."""
+    device, process, world, accum = procs.device, state.process, procs.world, cfg["grad_accum"]
+    idx, epoch = batch_indices(len(data), cfg["batch_size"], state.step, cfg["seed"])
+    n, (c, s) = len(idx), (cfg["model"]["in_channels"], cfg["model"]["image_size"])
+    flips = None if cfg["no_flip"] else torch.rand(n, generator=state.draws, device=device) < 0.5
+    t = process.train_t(n, generator=state.draws, device=device)
+    noise = torch.randn((n, c, s, s), generator=state.draws, device=device)
+    lo, hi = procs.span(n)
+    bounds = [lo + (hi - lo) * k // accum for k in range(accum + 1)]
+    for group in state.opt.param_groups:
+        group["lr"] = lr_at(state.step, cfg, cfg["steps"])
+    total = torch.zeros((), device=device)
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        x0 = data[idx[a:b]].to(device).float().div_(127.5).sub_(1).contiguous(memory_format=state.memory_format)
+        if flips is not None:
+            x0 = torch.where(flips[a:b, None, None, None], x0.flip(3), x0)
+        quiet = state.net.no_sync() if world > 1 and k < accum - 1 else nullcontext()  # all-reduce once, at the end
+        with quiet:
+            with torch.autocast(**state.amp):
+                per = process.loss(state.fwd, x0, cfg["loss"], t=t[a:b], noise=noise[a:b], reduction="none",
+                                   **loss_options(cfg))
+            state.scaler.scale(per.sum() * (world / n)).backward()
+        total = total + per.detach().float().sum()
+    if cfg["grad_clip"]:
+        state.scaler.unscale_(state.opt)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg["grad_clip"])
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    state.opt.zero_grad(set_to_none=True)
+    state.ema.update(state.model)
+    state.step += 1
+    return total, epoch
+
+
+def check_health(state, bad, out, procs):
+    """Before a save or a log line: a non-finite loss on any rank stops the run, naming its first step."""
+    first = bad.clone()
+    procs.min(first)
+    if first.item() < math.inf:
+        saved = (f"{out / 'ckpt.pt'} holds the last good state" if (out / "ckpt.pt").exists()
+                 else "no checkpoint had been saved yet")
+        raise UserError(f"loss is nan at step {int(first.item())}: training stopped; {saved} "
+                        "(try a lower --lr, --grad-clip or no --amp)")
+
+
+def loop(cfg, state, data, folder, measure_fid, procs, stop):
+    """Steps until cfg["steps"] or Ctrl-C (under torchrun, the ranks agree at the next log step)."""
+    total, log_every, world = cfg["steps"], cfg["log_every"], procs.world
+    tty, t_last, n_last = sys.stderr.isatty(), time.perf_counter(), 0
+    smooth = bad = None
+    state.model.train()
+    while state.step < total:
+        loss_sum, epoch = train_step(state, data, cfg, procs)
+        step, n = state.step, cfg["batch_size"]
+        mean = loss_sum / n  # this rank's part of the global batch's mean loss
+        smooth = mean if smooth is None else 0.98 * smooth + 0.02 * mean
+        finite = torch.isfinite(mean)
+        bad = torch.where(finite, math.inf, float(step - 1)) if bad is None else \
+            torch.where(finite | (bad < math.inf), bad, float(step - 1))
+        n_last += n
+        if step % log_every == 0 or step == total:
+            check_health(state, bad, folder.out, procs)
+            loss, smoothed, stops = procs.sum(torch.stack([mean, smooth, torch.tensor(float(bool(stop)),
+                                                                                        device=mean.device)])).tolist()
+            now = time.perf_counter()
+            ips, t_last, n_last = n_last / (now - t_last), now, 0
+            folder.log([step, epoch, f"{loss:.6f}", f"{lr_at(step - 1, cfg, total):.3e}", f"{ips:.1f}"])
+            line = progress_line(step, total, epoch, smoothed, ips, (total - step) * n / ips, world)
+            if procs.main and tty:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+            elif procs.main and (step % (log_every * 10) == 0 or step == total):
+                print(line, file=sys.stderr, flush=True)
+            if stops:
+                stop.append(1)
+                return
+        elif world == 1 and stop:
+            return
+        if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step in (FIRST_GRID, total)):
+            folder.grid(state)
+        if measure_fid and (step % cfg["fid_every"] == 0 or step == total):
+            measure_fid.measure(state, folder.out)
+        if step % cfg["save_every"] == 0 or step == total:
+            check_health(state, bad, folder.out, procs)
+            save(state, folder, procs)
+
+
+def save(state, folder, procs):
+    """The checkpoint, refused when the weights are no longer finite (the same on every rank)."""
+    if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+        raise UserError(f"the weights are no longer finite at step {state.step}; not saving over the last good "
+                        f"{folder.out / 'ckpt.pt'} (try a lower --lr or --grad-clip)")
+    folder.checkpoint(state)
+
+
+def train(args, procs):
+    cfg, out, resumed, device = setup(args, procs)
+    data, per_epoch = load_data(cfg, device, procs)
+    state = build(cfg, resumed, device, procs)
+    if procs.main:
+        describe(cfg, state, procs)
+        if resumed:
+            print(f"resumed {out} at step {state.step}", file=sys.stderr)
+    folder = RunFolder(out, cfg, state.step, resumed is not None, procs, per_epoch)
+    measure_fid = TrainingFID(cfg, data, procs) if cfg["fid_every"] else None
     stop = []
 
-    def on_ctrl_c(*_):  # finish the step (or the grid being drawn), save, leave
+    def on_ctrl_c(*_):  # finish the step (under torchrun: until the ranks agree), save, leave
+        if not stop:
+            print("\nCtrl-C: stopping after this step, then saving", file=sys.stderr, flush=True)
         stop.append(1)
-        print("\nCtrl-C: stopping after this step, then saving", file=sys.stderr, flush=True)
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-
-    # -- the loop ----------------------------------------------------------------------------
     try:
-        tty, smooth, t_last, n_last = sys.stderr.isatty(), None, time.perf_counter(), 0
-        model.train()
-        while step < total and not stop:
-            idx, epoch = batch_indices(len(data), cfg["batch_size"], step, cfg["seed"])
-            x0 = data[idx].to(device).float().div_(127.5).sub_(1).contiguous(memory_format=memory_format)
-            if not cfg["no_flip"]:
-                flip = torch.rand(x0.shape[0], 1, 1, 1, device=device) < 0.5
-                x0 = torch.where(flip, x0.flip(3), x0)
-            lr = lr_at(step, cfg, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(use_amp)):
-                loss = diffusion.loss(fwd, x0, cfg["loss"], **loss_options(cfg))
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                saved = (f"{out / 'ckpt.pt'} holds the last good state" if (out / "ckpt.pt").exists()
-                         else "no checkpoint had been saved yet")
-                raise UserError(f"loss is {loss_value} at step {step}: training stopped; {saved} "
-                                "(try a lower --lr, --grad-clip or no --amp)")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg["grad_clip"]:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(opt)
-            scaler.update()
-            ema.update(model)
-            step += 1
-            n_last += x0.shape[0]
-            smooth = loss_value if smooth is None else 0.98 * smooth + 0.02 * loss_value
-
-            if step % cfg["log_every"] == 0 or step == total:
-                now = time.perf_counter()
-                ips = n_last / (now - t_last)
-                t_last, n_last = now, 0
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([step, epoch, f"{loss_value:.6f}", f"{lr:.3e}", f"{ips:.1f}"])
-                line = progress_line(step, total, epoch, smooth, ips, (total - step) * cfg["batch_size"] / ips)
-                if tty:
-                    print("\r" + line, end="", file=sys.stderr, flush=True)
-                elif step % (cfg["log_every"] * 10) == 0 or step == total:
-                    print(line, file=sys.stderr, flush=True)
-            if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step in (FIRST_GRID, total)):
-                sample_grid()
-            if cfg["fid_every"] and (step % cfg["fid_every"] == 0 or step == total):
-                measure_fid()
-            if step % cfg["save_every"] == 0 or step == total:
-                checkpoint()
+        loop(cfg, state, data, folder, measure_fid, procs, stop)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+    procs.barrier()
     if stop:
-        checkpoint()
-        print(f"\ninterrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume {out}", file=sys.stderr)
-    else:
+        save(state, folder, procs)
+        if procs.main:
+            print(f"\ninterrupted: saved {out / 'ckpt.pt'} at step {state.step}; continue with --resume {out}",
+                  file=sys.stderr)
+    elif procs.main:
         print(f"\ndone: {out / 'ckpt.pt'}; sample from it with: python sample.py {out}", file=sys.stderr)
-    return step
+    return state.step
 
 
 def main(argv=None):
     args = parse_args(argv)
+    procs = fid.Processes()
     try:
-        train(args)
-    except (UserError, fid.FIDError, ValueError, OSError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        train(args, procs)
+    except (UserError, fid.FIDError, ValueError, OSError, fid.Stopped) as e:
+        print(f"{procs.prefix('train.py')}error: {e}", file=sys.stderr)
+        return 1
+    except torch.distributed.DistError as e:  # another process died: its own message says why
+        print(f"{procs.prefix('train.py')}error: lost contact with another process "
+              f"({str(e).splitlines()[0][:150]}); the last checkpoint is intact", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop, which saves and exits by itself
         print("\ntrain.py: interrupted", file=sys.stderr)
         return 130
+    finally:
+        procs.close()
     return 0
 
 
