@@ -206,6 +206,9 @@ RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one th
     "w32": ["--base-channels", "32"],
     "heads4": ["--num-heads", "4"],
     "b32": ["--batch-size", "32"],
+    "t300-linear": ["--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048
+    "t300-rescaled": ["--T", "300", "--schedule", "rescaled-linear"],
+    "t300-cosine": ["--T", "300", "--schedule", "cosine"],
 }
 
 

@@ -14,6 +14,10 @@ likelihoods. Depends on torch alone, so the file can be copied anywhere:
     x = diffusion.dpm_solver_sample(model, (16, 3, 32, 32), steps=20)
     x, nfe = diffusion.ode_sample(model, (16, 3, 32, 32))  # the same model as an SDE
 
+Training takes eps- or v-prediction (Salimans & Ho 2022; EpsFromV turns a v-model into the eps-model
+every sampler takes) and min-SNR-gamma weights (Hang et al. 2023). Every sampler's generator may be a
+list of per-sample generators (sample_generators), so that a sample does not depend on its batch.
+
 Timesteps are integers t = 0 .. T-1 throughout; code index t is the paper's step t + 1, so
 alphas_cumprod[0] is the paper's alpha-bar_1 and alphas_cumprod[T-1] is alpha-bar_T. The SDE
 samplers call a DDPM model at fractional t in [0, T-1], and a VESDE model at t in (0, 1].
@@ -84,18 +88,24 @@ def _check_t(t, x):
 # ----------------------------------------------------------------------------------------------
 # beta schedules (float64)
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "rescaled-linear")
 
 
 def make_betas(schedule, T, beta_start=1e-4, beta_end=0.02):
     """Return T betas as a float64 tensor.
 
     "linear": evenly spaced from beta_start to beta_end (Ho et al.; not rescaled with T).
+    "rescaled-linear": the same with both ends times 1000 / T (improved-diffusion's convention), so
+              that alpha-bar_T stays near Ho et al.'s 4e-5 for any T > 20; "linear" at T = 1000.
     "cosine": Nichol & Dhariwal eq. 17, alpha-bar(t) = f(t) / f(0) with
               f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), s = 0.008, betas clipped at 0.999.
     """
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "rescaled-linear":
+        if beta_end * 1000 / T >= 1:
+            raise ValueError(f"rescaled-linear needs beta_end * 1000 / T < 1, got T = {T}")
+        return torch.linspace(beta_start * 1000 / T, beta_end * 1000 / T, T, dtype=torch.float64)
     if schedule == "cosine":
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2

@@ -18,8 +18,8 @@ the 1008-way logits without the fc bias. KID (Binkowski et al. 2018) and precisi
     python fid.py --prc real/ generated/                # FID, then precision and recall (k = 3)
     torchrun --nproc_per_node 4 fid.py real/ generated/ # each process embeds a quarter of the images
 
-The Processes helpers at the end of the network section are what train.py and sample.py use under
-torchrun as well (rank, share of the work, gathering to rank 0).
+The Processes class (rank, share of the work, gathering to rank 0) is what train.py and sample.py
+use under torchrun as well.
 """
 import argparse
 import datetime

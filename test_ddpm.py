@@ -71,6 +71,18 @@ def test_alphas_cumprod_T_is_near_zero(schedule):
     assert (d.alphas_cumprod.diff() < 0).all()
 
 
+def test_rescaled_linear_is_linear_stretched_to_T_steps():
+    """improved-diffusion's convention: both ends times 1000 / T, so alpha-bar_T stays near Ho et al.'s
+    (4e-5 at T = 1000) where plain linear at T = 300 leaves seed 000's 0.048."""
+    assert torch.equal(ddpm.make_betas("rescaled-linear", 1000), ddpm.make_betas("linear", 1000))
+    b = ddpm.make_betas("rescaled-linear", 300)
+    assert b.dtype == torch.float64 and torch.allclose(b, ddpm.make_betas("linear", 300) * 1000 / 300)
+    a_T = {name: torch.prod(1 - ddpm.make_betas(name, 300)).item() for name in ("linear", "rescaled-linear")}
+    assert a_T["linear"] == pytest.approx(0.048, abs=0.001) and a_T["rescaled-linear"] < 1e-4
+    with pytest.raises(ValueError, match="rescaled-linear needs"):
+        ddpm.make_betas("rescaled-linear", 20)
+
+
 def test_unknown_schedule_lists_valid_names():
     with pytest.raises(ValueError, match="linear, cosine"):
         ddpm.make_betas("quadratic", 10)
@@ -363,6 +375,21 @@ def test_sde_dpm_solver_samples_the_data_distribution(eta):
     x = d.dpm_solver_sample(gaussian_oracle(d), (4096, 1, 4, 4), steps=200, eta=eta, clip_x0=False, generator=gen())
     assert x.mean().item() == pytest.approx(MU, abs=0.01)
     assert x.std().item() == pytest.approx(SD, rel=0.01)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "sde"])
+def test_per_sample_generators_make_a_sample_independent_of_its_batch(sampler):
+    """With one generator per sample (seeded from (seed, index)), sample i is the same drawn in a batch
+    of three or alone, for the stochastic samplers too."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
+    run = {"ddpm": lambda shape, g: d.ddpm_sample(gaussian_oracle(d), shape, steps=10, generator=g),
+           "sde": lambda shape, g: d.sde_sample(sde_oracle(d), shape, steps=10, generator=g)}[sampler]
+    batch = run((3, 1, 4, 4), ddpm.sample_generators(7, range(3)))
+    alone = torch.cat([run((1, 1, 4, 4), ddpm.sample_generators(7, [i])) for i in range(3)])
+    assert torch.allclose(batch, alone, atol=1e-6)
+    assert not torch.allclose(batch[0], batch[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        ddpm.randn((3, 1), ddpm.sample_generators(7, range(2)))
 
 
 def exact_ode_sample(d, x_T, ts, mu=MU, sd=SD):

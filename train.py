@@ -5,6 +5,7 @@
     python train.py --data ../shared/data/mnist --channels 1 --image-size 32 --preset tiny
     python train.py --data ../shared/data/mnist --channels 1 --process ve   # seed 002's score model
     python train.py --resume runs/faces                       # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node 8 train.py --data ./faces --batch-size 256   # 8 GPUs, same run
 
 A folder is searched recursively for png/jpg/jpeg/bmp/webp images (and MNIST's IDX files); each
 is decoded once, its short side resized and centre-cropped to --image-size, and kept in memory
@@ -784,8 +785,9 @@ def train(args, procs):
     stop = []
 
     def on_ctrl_c(*_):  # finish the step (under torchrun: until the ranks agree), save, leave
-        if not stop:
-            print("\nCtrl-C: stopping after this step, then saving", file=sys.stderr, flush=True)
+        if not stop and procs.main:
+            when = "after this step" if procs.world == 1 else "at the next log line (every process)"
+            print(f"\nCtrl-C: stopping {when}, then saving", file=sys.stderr, flush=True)
         stop.append(1)
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
