@@ -289,7 +289,8 @@ def main():
     p.add_argument("--mnist", default="../shared/data/mnist", help="--quality: the digits")
     p.add_argument("--fd-tool", default="../shared/tools/mnist_fd.py", help="--quality: the FD script")
     p.add_argument("--fd-n", type=int, default=2000, help="--quality: samples per FD")
-    p.add_argument("--fd-samplers", default="dpm++:20", help="--quality: SAMPLER:CALLS list for sample.py")
+    p.add_argument("--fd-samplers", default="dpm++:20:--eta 1",
+                   help="--quality: comma-separated SAMPLER:CALLS[:sample.py options]")
     p.add_argument("--quality-dir", default="runs/quality", help="--quality: where runs and results.csv go")
     p.add_argument("--recipe-steps", type=int, help="--quality: train this many steps instead of --minutes' worth")
     p.add_argument("--fd-only", action="store_true", help="--quality: score the runs already trained")

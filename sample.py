@@ -1,7 +1,7 @@
 """sample.py: images from a checkpoint of train.py: DPM-Solver++ (Lu et al. 2022), DDIM (Song et al. 2020),
 DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021).
 
-    python sample.py runs/demo --n 64                              # 8x8 grid, DPM-Solver++(2M) -> samples.png
+    python sample.py runs/demo --n 64                              # 8x8 grid, SDE-DPM-Solver++(2M) -> samples.png
     python sample.py runs/ve --sampler pc --steps 500              # a VE run: em, pc or ode
     python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images (ODE)
     python sample.py runs/mnist --vlb 100                          # Ho et al.'s variational bound, bits/dim
@@ -185,7 +185,8 @@ def parse_args(argv=None):
     a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
-    a("--eta", type=float, default=0.0, help="ddim, dpm++: noise (0: deterministic; 1: ddim ancestral, dpm++ SDE-DPM-Solver++)")
+    a("--eta", type=float, help="ddim, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: SDE-DPM-Solver++); "
+                              "None: 1 for dpm++ at orders 1-2 (the best images, README), else 0")
     a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
     a("--seed", type=int, default=0)
     a("--batch-size", type=int, default=128)
@@ -214,6 +215,9 @@ def check_args(args, is_ve):
     for picture in (args.grid, args.trajectory, args.nearest_grid if args.nearest else None):
         if picture:
             fid.image_format(picture)  # before any sampling
+    args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
+    if args.eta is None:
+        args.eta = 1.0 if args.sampler == "dpm++" and args.order <= 2 else 0.0
     for name, ok, rule in (("eta", lambda v: v >= 0, "a number >= 0"), ("mix", lambda v: True, "a number"),
                            ("snr", lambda v: v > 0, "a number > 0"), ("rtol", lambda v: v > 0, "a number > 0"),
                            ("atol", lambda v: v > 0, "a number > 0")):
@@ -225,7 +229,6 @@ def check_args(args, is_ve):
         if value is not None and value < least:
             flag = "num-samples" if name == "n" else name.replace("_", "-")
             raise train.UserError(f"--{flag} must be at least {least}, got {value}")
-    args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
     if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert or args.vlb):
         what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
                 else f"--sampler {args.sampler}")

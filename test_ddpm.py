@@ -1191,12 +1191,13 @@ def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkey
     (["--dropout", "nan"], "--dropout must be at least 0"),
     (["--channel-mults", "0,0"], "every channel_mult must be at least 1"),
     (["--beta-start", "0.05", "--beta-end", "0.01"], "0 < --beta-start < --beta-end < 1"),
+    (["--T", "300", "--schedule", "rescaled-linear", "--beta-end", "2"], "0 < --beta-start < --beta-end < 1"),
     (["--attn-resolutions", "3"], "attention resolutions [3] are not among"),
     (["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "--device"),
     (["--process", "ve", "--sigma", "0.5"], "sigma must be a number above 1"),
     (["--out", "FILE"], "a file, not a folder"),
     (["--out", "USERS"], "not empty and is not a run of train.py"),
-    (["--min-snr", "0"], "--min-snr must be a positive number"),
+    (["--min-snr", "-1"], "--min-snr must be a number >= 0"),
     (["--process", "ve", "--prediction", "v"], "apply to --process ddpm"),
     (["--num-heads", "5"], "num_heads must be at least 1 and divide"),
 ])
@@ -1365,12 +1366,22 @@ def test_sample_vlb_prints_the_bound_of_training_images_and_its_terms(trained_ru
 
 
 @pytest.mark.parametrize("sampler,extra", [("dpm++", ["--order", "3"]), ("ddpm", ["--steps", "7"]),
-                                           ("ddim", ["--spacing", "logsnr"]), ("dpm++", ["--eta", "1"])])
+                                           ("ddim", ["--spacing", "logsnr"]), ("dpm++", ["--eta", "0"])])
 def test_sample_fast_samplers_from_the_command_line(tmp_path, trained_run, sampler, extra):
     args = [str(trained_run), "--n", "3", "--sampler", sampler, *extra]
     assert sample.main([*args, "--grid", str(tmp_path / "a.png")]) == 0
     assert sample.main([*args, "--grid", str(tmp_path / "b.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_the_default_sampler_is_sde_dpm_solver(tmp_path, trained_run):
+    """sample.py's default is DPM-Solver++(2M) with eta = 1 (the best FD per model call, README)."""
+    pictures = {}
+    for name, extra in (("default", []), ("eta1", ["--sampler", "dpm++", "--eta", "1"]), ("eta0", ["--eta", "0"])):
+        assert sample.main([str(trained_run), "--n", "3", "--steps", "4", "--grid", str(tmp_path / f"{name}.png"),
+                            *extra]) == 0
+        pictures[name] = (tmp_path / f"{name}.png").read_bytes()
+    assert pictures["default"] == pictures["eta1"] != pictures["eta0"]
 
 
 def test_a_v_prediction_run_is_sampled_through_its_eps_form(tmp_path, capsys):

@@ -10,7 +10,7 @@
 A folder is searched recursively for png/jpg/jpeg/bmp/webp images (and MNIST's IDX files); each
 is decoded once, its short side resized and centre-cropped to --image-size, and kept in memory
 as uint8. The run folder (--out) gets config.json, ckpt.pt (written atomically; Ctrl-C saves
-it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model (DPM-Solver++).
+it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model (SDE-DPM-Solver++).
 """
 import argparse
 import concurrent.futures
@@ -280,12 +280,14 @@ def parse_args(argv=None):
       help="ddpm (Ho et al.; also sampled as the VP SDE) or ve: seed 002's score model on dx = sigma^t dw")
     a("--sigma", type=float, default=25.0, help="ve: sigma of dx = sigma^t dw")
     a("--T", type=int, default=1000, help="diffusion steps")
-    a("--schedule", default="linear", choices=ddpm.SCHEDULES)
+    a("--schedule", choices=ddpm.SCHEDULES, help="None: linear (Ho et al.) at --T 1000, else the README's measured choice")
     a("--beta-start", type=float, default=1e-4)
     a("--beta-end", type=float, default=0.02)
     a("--loss", default="l2", choices=ddpm.LOSSES)
-    a("--prediction", default="eps", choices=ddpm.PREDICTIONS, help="ddpm: what the network predicts (v: Salimans & Ho)")
-    a("--min-snr", type=float, metavar="GAMMA", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs)")
+    a("--prediction", choices=ddpm.PREDICTIONS, help="ddpm: what the network predicts (v: Salimans & Ho); "
+                                                      "None: the preset's recipe")
+    a("--min-snr", type=float, metavar="GAMMA", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is "
+                                                     "theirs; 0: off); None: the preset's recipe")
     a("--preset", default="tiny", choices=sorted(ddpm.PRESETS))
     a("--base-channels", type=int)
     a("--channel-mults", help="e.g. 1,2,2")
@@ -297,7 +299,7 @@ def parse_args(argv=None):
     a("--norm", choices=("group", "batch"), default="group")
     a("--batch-size", type=int, default=64, help="the global batch: split evenly among torchrun's processes")
     a("--grad-accum", type=int, default=1, help="micro-batches per process and step (same result, less memory)")
-    a("--lr", type=float, help="peak learning rate; None: 1e-3 for tiny, 2e-4 (Ho et al.) for larger presets")
+    a("--lr", type=float, help="peak learning rate; None: the preset's recipe")
     a("--warmup", type=int, default=200, help="linear warm-up steps")
     a("--decay", default="cosine", choices=("cosine", "none"), help="learning-rate decay to 10%% after warm-up")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
@@ -311,7 +313,7 @@ def parse_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--sample-every", type=int, default=500, help="steps between sample grids (0: off)")
     a("--sample-n", type=int, default=36)
-    a("--sample-steps", type=int, default=20, help="DPM-Solver++ steps for the grids and FID (ddpm runs)")
+    a("--sample-steps", type=int, default=20, help="SDE-DPM-Solver++ steps for the grids and FID (ddpm runs)")
     a("--save-every", type=int, default=500)
     a("--log-every", type=int, default=10)
     a("--fid-every", type=int, default=0, help="steps between FIDs against the training set (0: off)")
@@ -336,15 +338,12 @@ def check_args(args):
         raise UserError(f"--fid-samples must be at least 2 (a covariance), got {args.fid_samples}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if args.min_snr is not None and not (math.isfinite(args.min_snr) and args.min_snr > 0):
-        raise UserError(f"--min-snr must be a positive number, got {args.min_snr}")
-    if args.process == "ve" and (args.prediction != "eps" or args.min_snr is not None):
+    if args.min_snr is not None and not (math.isfinite(args.min_snr) and args.min_snr >= 0):
+        raise UserError(f"--min-snr must be a number >= 0 (0: off), got {args.min_snr}")
+    if args.process == "ve" and (args.prediction not in (None, "eps") or args.min_snr):
         raise UserError("--prediction v and --min-snr apply to --process ddpm; a ve model predicts the scaled score")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.schedule == "linear" and not 0 < args.beta_start < args.beta_end < 1:
-        raise UserError(f"the linear schedule needs 0 < --beta-start < --beta-end < 1, got {args.beta_start} "
-                        f"and {args.beta_end}")
     fid.check_device(args.device)
 
 
@@ -395,11 +394,28 @@ def run_config(args):
     run = {k: v for k, v in vars(args).items() if k not in skip}
     if args.data:  # absolute, so that --resume works from any directory
         run["data"] = str(Path(args.data).resolve())
-    if run["lr"] is None:
-        run["lr"] = 1e-3 if args.preset == "tiny" else 2e-4
+    recipe = dict(RECIPES.get(args.preset, RECIPES["ho"]))
+    if args.process == "ve":  # a VE model predicts the scaled score, unweighted
+        recipe.update(prediction="eps", min_snr=0.0)
+    for key, value in recipe.items():
+        if run[key] is None:
+            run[key] = value
+    if run["schedule"] is None:
+        run["schedule"] = "linear" if run["T"] == 1000 else SCHEDULE_AT_OTHER_T
+    if run["schedule"] in ("linear", "rescaled-linear") and not 0 < args.beta_start < args.beta_end < 1:
+        raise UserError(f"the {run['schedule']} schedule needs 0 < --beta-start < --beta-end < 1, got "
+                        f"{args.beta_start} and {args.beta_end}")
     ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
     make_process(run)  # and for an impossible process
     return run | {"model": cfg}
+
+
+# Training defaults by preset. The tiny preset's recipe was measured on MNIST at a budget of 15
+# CPU-minutes (README, "A training recipe per CPU-minute"); the other presets keep Ho et al.'s, which
+# these flags also restore for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear.
+RECIPES = {"ho": dict(lr=2e-4, prediction="eps", min_snr=0.0),
+           "tiny": dict(lr=1e-3, prediction="eps", min_snr=0.0)}
+SCHEDULE_AT_OTHER_T = "linear"  # the default schedule when --T is not 1000 (README)
 
 
 def make_process(cfg):
@@ -413,7 +429,7 @@ def loss_options(cfg):
     """The keyword arguments of the run's loss beyond its type (DDPM runs; older configs have none)."""
     if cfg.get("process", "ddpm") == "ve":
         return {}
-    return {"prediction": cfg.get("prediction", "eps"), "min_snr": cfg.get("min_snr")}
+    return {"prediction": cfg.get("prediction", "eps"), "min_snr": cfg.get("min_snr") or None}
 
 
 def sampling_model(cfg, model, process):
@@ -422,11 +438,11 @@ def sampling_model(cfg, model, process):
 
 
 def draw(process, model, shape, steps, generator):
-    """Samples for grids and FID during training: DPM-Solver++(2M) with `steps` calls for DDPM runs
+    """Samples for grids and FID during training: SDE-DPM-Solver++(2M) with `steps` calls for DDPM runs
     (the best images per model call, README), the probability-flow ODE at tolerance 1e-3 for VE."""
     if isinstance(process, ddpm.VESDE):
         return process.ode_sample(model, shape, rtol=1e-3, atol=1e-3, generator=generator)[0]
-    return process.dpm_solver_sample(model, shape, steps=steps, generator=generator)
+    return process.dpm_solver_sample(model, shape, steps=steps, eta=1.0, generator=generator)
 
 
 def lr_at(step, cfg, total):
