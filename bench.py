@@ -197,18 +197,21 @@ def bench_solvers(args, device):
 
 MNIST_RUN = ["--channels", "1", "--image-size", "32", "--no-flip", "--preset", "tiny", "--sample-every", "0",
              "--save-every", "100000"]
+HO = ["--lr", "1e-3", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear"]  # the tiny preset before
+MINSNR = [*HO[:-4], "--min-snr", "5", "--schedule", "linear"]
 RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one thing from its parent
-    "base": [],
-    "minsnr": ["--min-snr", "5"],
-    "v": ["--prediction", "v"],
-    "cosine": ["--schedule", "cosine"],
-    "lr2e-3": ["--lr", "2e-3"],
-    "w32": ["--base-channels", "32"],
-    "heads4": ["--num-heads", "4"],
-    "b32": ["--batch-size", "32"],
-    "t300-linear": ["--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048
-    "t300-rescaled": ["--T", "300", "--schedule", "rescaled-linear"],
-    "t300-cosine": ["--T", "300", "--schedule", "cosine"],
+    "base": HO,
+    "minsnr": MINSNR,                                  # parent: base
+    "v": [*HO, "--prediction", "v"],                  # parent: base
+    "v-minsnr": [*MINSNR, "--prediction", "v"],       # parent: minsnr
+    "cosine": [*MINSNR, "--schedule", "cosine"],      # parent: minsnr
+    "lr2e-3": [*MINSNR, "--lr", "2e-3"],
+    "w32": [*MINSNR, "--base-channels", "32"],
+    "heads4": [*MINSNR, "--num-heads", "4"],
+    "b32": [*MINSNR, "--batch-size", "32"],
+    "t300-linear": [*MINSNR, "--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048
+    "t300-rescaled": [*MINSNR, "--T", "300", "--schedule", "rescaled-linear"],
+    "t300-cosine": [*MINSNR, "--T", "300", "--schedule", "cosine"],
 }
 
 

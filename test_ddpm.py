@@ -1217,6 +1217,19 @@ def test_train_bad_input_is_one_line(tmp_path, trained_run, capsys, argv, messag
     assert not (tmp_path / "r").exists() or "--data" in argv  # checked before the run folder is made
 
 
+def test_training_defaults_follow_the_preset_recipe_and_ho_et_al_stay_reachable():
+    config = lambda *argv: train.run_config(train.parse_args(list(argv)))
+    tiny = config("--preset", "tiny")
+    assert (tiny["lr"], tiny["prediction"], tiny["min_snr"], tiny["schedule"]) == (1e-3, "eps", 5.0, "linear")
+    ho = config("--preset", "tiny", "--lr", "2e-4", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear")
+    assert (ho["lr"], ho["min_snr"], train.loss_options(ho)["min_snr"]) == (2e-4, 0.0, None)
+    faces = config("--preset", "faces64")
+    assert (faces["lr"], faces["prediction"], faces["min_snr"]) == (2e-4, "eps", 0.0)
+    assert config("--T", "300")["schedule"] == train.SCHEDULE_AT_OTHER_T
+    assert config("--T", "300", "--schedule", "linear")["schedule"] == "linear"  # the seeds' exact betas
+    assert config("--process", "ve")["min_snr"] == 0.0
+
+
 def test_train_error_has_no_traceback_from_the_shell(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "missing")],
                          cwd=tmp_path, capture_output=True, text=True)

@@ -414,7 +414,7 @@ def run_config(args):
 # CPU-minutes (README, "A training recipe per CPU-minute"); the other presets keep Ho et al.'s, which
 # these flags also restore for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear.
 RECIPES = {"ho": dict(lr=2e-4, prediction="eps", min_snr=0.0),
-           "tiny": dict(lr=1e-3, prediction="eps", min_snr=0.0)}
+           "tiny": dict(lr=1e-3, prediction="eps", min_snr=5.0)}
 SCHEDULE_AT_OTHER_T = "linear"  # the default schedule when --T is not 1000 (README)
 
 
