@@ -264,8 +264,15 @@ class Processes:
         raise Stopped(f"rank {self.rank} stopped by torchrun: another process failed or the job was cancelled")
 
     def close(self):
+        if self.world > 1:  # from here on a SIGTERM from torchrun just ends the process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def lost_contact(self, error):
+        """Whether error is a collective failing because another process is gone (gloo, nccl)."""
+        text = str(error)
+        return self.world > 1 and (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text)
 
     def prefix(self, script):
         """'script: ' or, under torchrun, 'script (rank r): ' for messages."""
@@ -738,7 +745,9 @@ def main(argv=None):
     except (FIDError, ValueError, OSError, Stopped) as e:
         print(f"{procs.prefix('fid.py')}error: {e}", file=sys.stderr)
         return 1
-    except dist.DistError as e:
+    except RuntimeError as e:
+        if not procs.lost_contact(e):
+            raise
         print(f"{procs.prefix('fid.py')}error: lost contact with another process ({str(e).splitlines()[0][:150]})",
               file=sys.stderr)
         return 1

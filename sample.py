@@ -358,7 +358,9 @@ def main(argv=None):
     except (train.UserError, fid.FIDError, ValueError, OSError, fid.Stopped) as e:
         print(f"{procs.prefix('sample.py')}error: {e}", file=sys.stderr)
         return 1
-    except torch.distributed.DistError as e:
+    except RuntimeError as e:
+        if not procs.lost_contact(e):
+            raise
         print(f"{procs.prefix('sample.py')}error: lost contact with another process ({str(e).splitlines()[0][:150]})",
               file=sys.stderr)
         return 1

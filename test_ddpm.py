@@ -1016,8 +1016,8 @@ import time  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
-TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--T", "50", "--sample-n", "4",
-        "--sample-steps", "5", "--workers", "0", "--warmup", "2"]
+TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--T", "50", "--schedule", "linear",
+        "--sample-n", "4", "--sample-steps", "5", "--workers", "0", "--warmup", "2"]
 
 
 def mixed_folder(root):
@@ -1274,8 +1274,9 @@ def test_sample_trajectory_forward_interpolate_and_invert(tmp_path, trained_run)
     src = np.asarray(Image.open(img)).astype(float)
     assert np.array_equal(tiles[0], src)
     # x_t at t = 0 is x_0 plus noise of std sqrt(1 - a-bar_0) (uint8 rounding adds variance 1/12)
-    a0 = torch.load(trained_run / "ckpt.pt", weights_only=True)["config"]["beta_start"]
-    assert np.std(tiles[1] - src) == pytest.approx(math.sqrt(127.5 ** 2 * a0 + 1 / 12), rel=0.15)
+    cfg = torch.load(trained_run / "ckpt.pt", weights_only=True)["config"]
+    beta0 = 1 - train.make_process(cfg).alphas_cumprod64[0].item()
+    assert np.std(tiles[1] - src) == pytest.approx(math.sqrt(127.5 ** 2 * beta0 + 1 / 12), rel=0.15)
     diffs = [np.abs(t - src).mean() for t in tiles[1:]]
     assert diffs == sorted(diffs) and diffs[-1] > 30  # ever further from the image
 
@@ -1424,7 +1425,8 @@ def test_sample_nearest_finds_copies_of_training_images(tmp_path, trained_run, m
     assert np.asarray(Image.open(grid)).shape == (2 + 3 * 18, 2 + 3 * 18, 3)  # a row each: sample, 2 neighbours
 
     copies = images[[4, 0, 6]]  # a model that copies its training set: every sample sits on a training image
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: (copies.float() / 127.5 - 1, None))
+    monkeypatch.setattr(sample, "generate", lambda args, d, net, shape, procs, each, *a, **k:
+                        each(0, copies.float() / 127.5 - 1))
     assert sample.main([str(trained_run), "--n", "3", "--nearest", "1", "--nearest-grid", str(grid),
                         "--grid", str(tmp_path / "g.png"), "--fid-weights", str(inception_weights)]) == 0
     out = capsys.readouterr().out
@@ -1474,7 +1476,7 @@ def test_a_presets_attention_missing_at_this_size_is_dropped_with_a_note(capsys)
 @pytest.mark.parametrize("argv,message", [
     (["--eta", "nan"], "--eta must be a number >= 0"), (["--mix", "nan"], "--mix must be a number"),
     (["--snr", "0"], "--snr must be a number > 0"), (["--rtol", "-1"], "--rtol must be a number > 0"),
-    (["--steps", "0"], "--steps must be at least 1"), (["--n", "0"], "--n must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"), (["--n", "0"], "--num-samples must be at least 1"),
 ])
 def test_sample_bad_numbers_are_one_line_before_sampling(tmp_path, trained_run, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled with a bad number"))
@@ -1548,8 +1550,10 @@ def test_an_image_too_large_to_decode_is_called_too_large(tmp_path, monkeypatch,
 
 def test_first_grid_comes_early_and_save_stats_needs_its_folder_first(tmp_path, inception_weights, capsys):
     run = tmp_path / "run"
-    assert train.main([*TINY, "--out", str(run), "--steps", "101", "--sample-every", "1000", "--save-every", "1000"]) == 0
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000100.png", "step_000101.png"]
+    first = train.FIRST_GRID
+    assert train.main([*TINY, "--out", str(run), "--steps", str(first + 1), "--sample-every", "1000",
+                       "--save-every", "1000"]) == 0
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_{first:06d}.png", f"step_{first + 1:06d}.png"]
     write_images(tmp_path / "a", 3, seed=0)
     assert fid.main(["--save-stats", str(tmp_path / "a"), str(tmp_path / "missing" / "a.npz"),
                      "--weights", str(tmp_path / "not-loaded.pth")]) == 1  # refused before the network loads

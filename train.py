@@ -280,7 +280,7 @@ def parse_args(argv=None):
       help="ddpm (Ho et al.; also sampled as the VP SDE) or ve: seed 002's score model on dx = sigma^t dw")
     a("--sigma", type=float, default=25.0, help="ve: sigma of dx = sigma^t dw")
     a("--T", type=int, default=1000, help="diffusion steps")
-    a("--schedule", choices=ddpm.SCHEDULES, help="None: linear (Ho et al.) at --T 1000, else the README's measured choice")
+    a("--schedule", choices=ddpm.SCHEDULES, help="None: linear (Ho et al.) at --T 1000, else rescaled-linear (README)")
     a("--beta-start", type=float, default=1e-4)
     a("--beta-end", type=float, default=0.02)
     a("--loss", default="l2", choices=ddpm.LOSSES)
@@ -321,7 +321,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-FIRST_GRID = 100  # a grid this early too: a new user sees one within about a minute of a CPU demo
+FIRST_GRID = 400  # a grid this early too: the CPU demo's shapes are recognisable by then (about 4 minutes)
 AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
                 "base_channels", "num_res_blocks", "steps", "num_heads", "grad_accum")
 AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout")
@@ -415,7 +415,7 @@ def run_config(args):
 # these flags also restore for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear.
 RECIPES = {"ho": dict(lr=2e-4, prediction="eps", min_snr=0.0),
            "tiny": dict(lr=1e-3, prediction="eps", min_snr=5.0)}
-SCHEDULE_AT_OTHER_T = "linear"  # the default schedule when --T is not 1000 (README)
+SCHEDULE_AT_OTHER_T = "rescaled-linear"  # the default schedule when --T is not 1000 (measured: README)
 
 
 def make_process(cfg):
@@ -829,7 +829,9 @@ def main(argv=None):
     except (UserError, fid.FIDError, ValueError, OSError, fid.Stopped) as e:
         print(f"{procs.prefix('train.py')}error: {e}", file=sys.stderr)
         return 1
-    except torch.distributed.DistError as e:  # another process died: its own message says why
+    except RuntimeError as e:  # another process died: its own message says why
+        if not procs.lost_contact(e):
+            raise
         print(f"{procs.prefix('train.py')}error: lost contact with another process "
               f"({str(e).splitlines()[0][:150]}); the last checkpoint is intact", file=sys.stderr)
         return 1
