@@ -270,9 +270,12 @@ class Processes:
             dist.destroy_process_group()
 
     def lost_contact(self, error):
-        """Whether error is a collective failing because another process is gone (gloo, nccl)."""
+        """The one-line reason when error is a collective failing because another process is gone
+        (gloo, nccl); None for any other error."""
         text = str(error)
-        return self.world > 1 and (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text)
+        if self.world > 1 and (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+            return f"lost contact with another process ({text.splitlines()[0][:150]})"
+        return None
 
     def prefix(self, script):
         """'script: ' or, under torchrun, 'script (rank r): ' for messages."""
@@ -746,10 +749,9 @@ def main(argv=None):
         print(f"{procs.prefix('fid.py')}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if not procs.lost_contact(e):
+        if procs.lost_contact(e) is None:
             raise
-        print(f"{procs.prefix('fid.py')}error: lost contact with another process ({str(e).splitlines()[0][:150]})",
-              file=sys.stderr)
+        print(f"{procs.prefix('fid.py')}error: {procs.lost_contact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nfid.py: interrupted", file=sys.stderr)

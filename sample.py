@@ -359,10 +359,9 @@ def main(argv=None):
         print(f"{procs.prefix('sample.py')}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if not procs.lost_contact(e):
+        if procs.lost_contact(e) is None:
             raise
-        print(f"{procs.prefix('sample.py')}error: lost contact with another process ({str(e).splitlines()[0][:150]})",
-              file=sys.stderr)
+        print(f"{procs.prefix('sample.py')}error: {procs.lost_contact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nsample.py: interrupted", file=sys.stderr)

@@ -830,10 +830,10 @@ def main(argv=None):
         print(f"{procs.prefix('train.py')}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # another process died: its own message says why
-        if not procs.lost_contact(e):
+        if procs.lost_contact(e) is None:
             raise
-        print(f"{procs.prefix('train.py')}error: lost contact with another process "
-              f"({str(e).splitlines()[0][:150]}); the last checkpoint is intact", file=sys.stderr)
+        print(f"{procs.prefix('train.py')}error: {procs.lost_contact(e)}; the last checkpoint is intact",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop, which saves and exits by itself
         print("\ntrain.py: interrupted", file=sys.stderr)
