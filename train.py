@@ -728,14 +728,13 @@ def train_step(state, data, cfg, procs):
     return total, epoch
 
 
-def check_health(state, bad, out, procs):
+def check_health(bad, out, procs):
     """Before a save or a log line: a non-finite loss on any rank stops the run, naming its first step."""
-    first = bad.clone()
-    procs.min(first)
-    if first.item() < math.inf:
+    first = procs.min(bad.clone()).item()
+    if first < math.inf:
         saved = (f"{out / 'ckpt.pt'} holds the last good state" if (out / "ckpt.pt").exists()
                  else "no checkpoint had been saved yet")
-        raise UserError(f"loss is nan at step {int(first.item())}: training stopped; {saved} "
+        raise UserError(f"loss is nan at step {int(first)}: training stopped; {saved} "
                         "(try a lower --lr, --grad-clip or no --amp)")
 
 
@@ -743,24 +742,22 @@ def loop(cfg, state, data, folder, measure_fid, procs, stop):
     """Steps until cfg["steps"] or Ctrl-C (under torchrun, the ranks agree at the next log step)."""
     total, log_every, world = cfg["steps"], cfg["log_every"], procs.world
     tty, t_last, n_last = sys.stderr.isatty(), time.perf_counter(), 0
-    smooth = bad = None
+    smooth, bad = None, torch.tensor(math.inf, device=procs.device)  # bad: the first step whose loss was not finite
     state.model.train()
     while state.step < total:
         loss_sum, epoch = train_step(state, data, cfg, procs)
         step, n = state.step, cfg["batch_size"]
         mean = loss_sum / n  # this rank's part of the global batch's mean loss
         smooth = mean if smooth is None else 0.98 * smooth + 0.02 * mean
-        finite = torch.isfinite(mean)
-        bad = torch.where(finite, math.inf, float(step - 1)) if bad is None else \
-            torch.where(finite | (bad < math.inf), bad, float(step - 1))
+        bad = torch.where(torch.isfinite(mean) | (bad < math.inf), bad, float(step - 1))
         n_last += n
         if step % log_every == 0 or step == total:
-            check_health(state, bad, folder.out, procs)
+            check_health(bad, folder.out, procs)
             loss, smoothed, stops = procs.sum(torch.stack([mean, smooth, torch.tensor(float(bool(stop)),
                                                                                         device=mean.device)])).tolist()
             now = time.perf_counter()
             ips, t_last, n_last = n_last / (now - t_last), now, 0
-            folder.log([step, epoch, f"{loss:.6f}", f"{lr_at(step - 1, cfg, total):.3e}", f"{ips:.1f}"])
+            folder.log([step, epoch, f"{loss:.6f}", f"{state.opt.param_groups[0]['lr']:.3e}", f"{ips:.1f}"])
             line = progress_line(step, total, epoch, smoothed, ips, (total - step) * n / ips, world)
             if procs.main and tty:
                 print("\r" + line, end="", file=sys.stderr, flush=True)
@@ -776,7 +773,7 @@ def loop(cfg, state, data, folder, measure_fid, procs, stop):
         if measure_fid and (step % cfg["fid_every"] == 0 or step == total):
             measure_fid.measure(state, folder.out)
         if step % cfg["save_every"] == 0 or step == total:
-            check_health(state, bad, folder.out, procs)
+            check_health(bad, folder.out, procs)
             save(state, folder, procs)
 
 
