@@ -202,11 +202,13 @@ MINSNR = [*HO[:-4], "--min-snr", "5", "--schedule", "linear"]
 RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one thing from its parent
     "base": HO,
     "minsnr": MINSNR,                                  # parent: base
+    "minsnr-seed1": [*MINSNR, "--seed", "1"],         # the same recipe, another seed: the spread
     "v": [*HO, "--prediction", "v"],                  # parent: base
     "v-minsnr": [*MINSNR, "--prediction", "v"],       # parent: minsnr
     "cosine": [*MINSNR, "--schedule", "cosine"],      # parent: minsnr
     "lr2e-3": [*MINSNR, "--lr", "2e-3"],
     "w32": [*MINSNR, "--base-channels", "32"],
+    "w16": [*MINSNR, "--base-channels", "16"],
     "heads4": [*MINSNR, "--num-heads", "4"],
     "b32": [*MINSNR, "--batch-size", "32"],
     "t300-linear": [*MINSNR, "--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048
