@@ -359,9 +359,10 @@ def main(argv=None):
         print(f"{procs.prefix('sample.py')}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if procs.lost_contact(e) is None:
+        lost = procs.lost_contact(e)
+        if lost is None:
             raise
-        print(f"{procs.prefix('sample.py')}error: {procs.lost_contact(e)}", file=sys.stderr)
+        print(f"{procs.prefix('sample.py')}error: {lost}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nsample.py: interrupted", file=sys.stderr)

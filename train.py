@@ -827,10 +827,10 @@ def main(argv=None):
         print(f"{procs.prefix('train.py')}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # another process died: its own message says why
-        if procs.lost_contact(e) is None:
+        lost = procs.lost_contact(e)
+        if lost is None:
             raise
-        print(f"{procs.prefix('train.py')}error: {procs.lost_contact(e)}; the last checkpoint is intact",
-              file=sys.stderr)
+        print(f"{procs.prefix('train.py')}error: {lost}; the last checkpoint is intact", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop, which saves and exits by itself
         print("\ntrain.py: interrupted", file=sys.stderr)
