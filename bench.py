@@ -209,6 +209,10 @@ RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one th
     "lr2e-3": [*MINSNR, "--lr", "2e-3"],
     "w32": [*MINSNR, "--base-channels", "32"],
     "w16": [*MINSNR, "--base-channels", "16"],
+    "w16-g4": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4"],  # parent: w16
+    "w16-g4-seed1": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--seed", "1"],
+    "w32-g4": [*MINSNR, "--base-channels", "32", "--norm-group-size", "4"],  # parent: w32
+    "g4": [*MINSNR, "--norm-group-size", "4"],         # parent: minsnr (24 channels: 3 per group before)
     "heads4": [*MINSNR, "--num-heads", "4"],
     "b32": [*MINSNR, "--batch-size", "32"],
     "t300-linear": [*MINSNR, "--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048

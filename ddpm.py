@@ -135,26 +135,31 @@ def _act(name):
     return {"silu": nn.SiLU, "relu": nn.ReLU}[name]()
 
 
-def _norm(kind, ch):
-    # GroupNorm with up to 32 groups (Ho et al. use 32 groups); BatchNorm as in seed 000.
-    return nn.GroupNorm(math.gcd(32, ch), ch) if kind == "group" else nn.BatchNorm2d(ch)
+def _norm(kind, ch, group_size=None):
+    """GroupNorm, or BatchNorm as in seed 000. group_size channels per group; None: gcd(32, ch) groups,
+    which is Ho et al.'s 32 at their widths but a single channel per group (an instance norm, which
+    discards every channel's mean) at 16 or 32 channels, the U-Net's rule before group_size existed."""
+    if kind == "batch":
+        return nn.BatchNorm2d(ch)
+    return nn.GroupNorm(math.gcd(32, ch) if group_size is None else ch // group_size, ch)
 
 
 class ResBlock(nn.Module):
     """Two 3x3 convs with the time embedding added in between, plus a residual path;
     optionally followed by self-attention (Ho et al. put it after the res blocks at 16x16)."""
 
-    def __init__(self, cin, cout, temb_dim, dropout, act, norm, attn_heads=0):
+    def __init__(self, cin, cout, temb_dim, dropout, act, norm, attn_heads=0, group_size=None):
         super().__init__()
-        self.norm1, self.act1, self.conv1 = _norm(norm, cin), _act(act), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.act1 = _norm(norm, cin, group_size), _act(act)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Sequential(_act(act), nn.Linear(temb_dim, cout))
-        self.norm2, self.act2 = _norm(norm, cout), _act(act)
+        self.norm2, self.act2 = _norm(norm, cout, group_size), _act(act)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (Ho et al.)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.attn = AttnBlock(cout, norm, attn_heads) if attn_heads else None
+        self.attn = AttnBlock(cout, norm, attn_heads, group_size) if attn_heads else None
 
     def forward(self, x, temb):
         h = self.conv1(self.act1(self.norm1(x)))
@@ -167,9 +172,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, with a residual connection."""
 
-    def __init__(self, ch, norm, num_heads=1):
+    def __init__(self, ch, norm, num_heads=1, group_size=None):
         super().__init__()
-        self.norm = _norm(norm, ch)
+        self.norm = _norm(norm, ch, group_size)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         self.num_heads = num_heads
@@ -236,11 +241,13 @@ class UNet(nn.Module):
     downsampling between levels, self-attention (num_heads heads) at the listed resolutions, skip connections from
     every down block to its mirror up block, and a sinusoidal time embedding fed through an MLP
     into every residual block. `self.config` holds the constructor arguments (JSON-friendly).
+    norm_group_size: channels per GroupNorm group (see _norm); None keeps the rule of configs saved
+    before it existed, whose models it therefore rebuilds unchanged.
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, activation="silu", norm="group", image_size=32,
-                 time_scale=1.0, num_heads=1):
+                 time_scale=1.0, num_heads=1, norm_group_size=None):
         super().__init__()
         if activation not in ("silu", "relu"):
             raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
@@ -257,13 +264,16 @@ class UNet(nn.Module):
         if num_heads < 1 or any(w % num_heads for w in widths):
             raise ValueError(f"num_heads must be at least 1 and divide every level's channels {sorted(widths)}, "
                              f"got {num_heads}")
+        if norm_group_size is not None and (norm_group_size < 1 or any(w % norm_group_size for w in widths)):
+            raise ValueError(f"norm_group_size must be at least 1 and divide every level's channels "
+                             f"{sorted(widths)}, got {norm_group_size}")
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout,
                            activation=activation, norm=norm, image_size=image_size, time_scale=time_scale,
-                           num_heads=num_heads)
+                           num_heads=num_heads, norm_group_size=norm_group_size)
         ch, temb_dim = base_channels, 4 * base_channels
-        block = dict(temb_dim=temb_dim, dropout=dropout, act=activation, norm=norm)
+        block = dict(temb_dim=temb_dim, dropout=dropout, act=activation, norm=norm, group_size=norm_group_size)
         heads = lambda res: num_heads if res in attn_resolutions else 0  # 0: no attention at this resolution
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(activation), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -290,7 +300,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(cur))
                 res *= 2
 
-        self.out = nn.Sequential(_norm(norm, cur), _act(activation), nn.Conv2d(cur, in_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(norm, cur, norm_group_size), _act(activation), nn.Conv2d(cur, in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -688,6 +688,27 @@ def test_multi_head_attention_is_heads_of_softmax_attention():
         ddpm.UNet(**dict(ddpm.PRESETS["tiny"], num_heads=5))
 
 
+def test_norm_group_size_sets_channels_per_group_and_none_keeps_the_old_rule():
+    """norm_group_size=k: every GroupNorm has k channels per group. A config without the key (saved
+    before it existed) rebuilds the old rule, gcd(32, C) groups: one channel per group at C = 16,
+    an instance norm, which cannot see a channel's mean; k = 4 can."""
+    groups = lambda m: {(g.num_channels, g.num_groups) for g in m.modules() if isinstance(g, torch.nn.GroupNorm)}
+    new = ddpm.UNet(**dict(ddpm.PRESETS["tiny"], base_channels=16, norm_group_size=4))
+    assert new.config["norm_group_size"] == 4 and all(c == 4 * g for c, g in groups(new))
+    old_cfg = {k: v for k, v in new.config.items() if k != "norm_group_size"}
+    old = ddpm.UNet(**old_cfg)
+    assert all(g == math.gcd(32, c) for c, g in groups(old)) and (16, 16) in groups(old)
+    old.load_state_dict(new.state_dict())  # the same parameters: only the config tells them apart
+    x = torch.randn(2, 16, 8, 8, generator=gen())
+    shifted = x + torch.randn(1, 16, 1, 1, generator=gen())  # a different mean per channel
+    instance, grouped = ddpm._norm("group", 16), ddpm._norm("group", 16, 4)
+    assert torch.allclose(instance(x), instance(shifted), atol=1e-4)
+    assert not torch.allclose(grouped(x), grouped(shifted), atol=1e-2)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="norm_group_size"):
+            ddpm.UNet(**dict(ddpm.PRESETS["tiny"], norm_group_size=bad))
+
+
 def test_fresh_unet_predicts_zero_noise():
     """Zero-initialised output layer (Ho et al.): a new model starts at eps_hat = 0."""
     model = ddpm.UNet(**ddpm.PRESETS["tiny"])
@@ -1200,6 +1221,8 @@ def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkey
     (["--min-snr", "-1"], "--min-snr must be a number >= 0"),
     (["--process", "ve", "--prediction", "v"], "apply to --process ddpm"),
     (["--num-heads", "5"], "num_heads must be at least 1 and divide"),
+    (["--norm-group-size", "5"], "norm_group_size must be at least 1 and divide"),
+    (["--norm-group-size", "0"], "--norm-group-size must be at least 1"),
 ])
 def test_train_bad_input_is_one_line(tmp_path, trained_run, capsys, argv, message):
     (tmp_path / "empty").mkdir()

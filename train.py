@@ -297,6 +297,7 @@ def parse_args(argv=None):
     a("--dropout", type=float)
     a("--act", choices=("silu", "relu"), default="silu")
     a("--norm", choices=("group", "batch"), default="group")
+    a("--norm-group-size", type=int, help="channels per GroupNorm group; None: the preset's")
     a("--batch-size", type=int, default=64, help="the global batch: split evenly among torchrun's processes")
     a("--grad-accum", type=int, default=1, help="micro-batches per process and step (same result, less memory)")
     a("--lr", type=float, help="peak learning rate; None: the preset's recipe")
@@ -323,7 +324,8 @@ def parse_args(argv=None):
 
 FIRST_GRID = 400  # a grid this early too: the CPU demo's shapes are recognisable by then (about 4 minutes)
 AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
-                "base_channels", "num_res_blocks", "steps", "num_heads", "grad_accum")
+                "base_channels", "num_res_blocks", "steps", "num_heads", "grad_accum",
+                "norm_group_size")
 AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout")
 
 
@@ -368,7 +370,8 @@ def run_config(args):
     """The run's configuration (model included) from the command line."""
     cfg = dict(ddpm.PRESETS[args.preset])
     for key, value in (("base_channels", args.base_channels), ("num_res_blocks", args.num_res_blocks),
-                       ("dropout", args.dropout), ("image_size", args.image_size), ("num_heads", args.num_heads)):
+                       ("dropout", args.dropout), ("image_size", args.image_size), ("num_heads", args.num_heads),
+                       ("norm_group_size", args.norm_group_size)):
         if value is not None:
             cfg[key] = value
     try:
@@ -390,7 +393,7 @@ def run_config(args):
     if args.process == "ve":  # t in (0, 1]: see UNet.forward
         cfg["time_scale"] = 1000.0
     skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
-            "dropout", "image_size", "act", "norm", "num_heads"}
+            "dropout", "image_size", "act", "norm", "num_heads", "norm_group_size"}
     run = {k: v for k, v in vars(args).items() if k not in skip}
     if args.data:  # absolute, so that --resume works from any directory
         run["data"] = str(Path(args.data).resolve())
