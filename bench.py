@@ -197,7 +197,8 @@ def bench_solvers(args, device):
 
 MNIST_RUN = ["--channels", "1", "--image-size", "32", "--no-flip", "--preset", "tiny", "--sample-every", "0",
              "--save-every", "100000"]
-HO = ["--lr", "1e-3", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear"]  # the tiny preset before
+OLD_TINY = ["--base-channels", "24", "--norm-group-size", "0"]  # the tiny preset's model before 2026-11-24
+HO = [*OLD_TINY, "--lr", "1e-3", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear"]  # its recipe
 MINSNR = [*HO[:-4], "--min-snr", "5", "--schedule", "linear"]
 RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one thing from its parent
     "base": HO,
@@ -211,8 +212,9 @@ RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one th
     "w16": [*MINSNR, "--base-channels", "16"],
     "w16-g4": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4"],  # parent: w16
     "w16-g4-seed1": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--seed", "1"],
+    "w16-g4-seed2": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--seed", "2"],
     "w32-g4": [*MINSNR, "--base-channels", "32", "--norm-group-size", "4"],  # parent: w32
-    "g4": [*MINSNR, "--norm-group-size", "4"],         # parent: minsnr (24 channels: 3 per group before)
+    "g4": [*MINSNR, "--norm-group-size", "4"],         # parent: minsnr
     "heads4": [*MINSNR, "--num-heads", "4"],
     "b32": [*MINSNR, "--batch-size", "32"],
     "t300-linear": [*MINSNR, "--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048

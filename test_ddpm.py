@@ -1222,7 +1222,7 @@ def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkey
     (["--process", "ve", "--prediction", "v"], "apply to --process ddpm"),
     (["--num-heads", "5"], "num_heads must be at least 1 and divide"),
     (["--norm-group-size", "5"], "norm_group_size must be at least 1 and divide"),
-    (["--norm-group-size", "0"], "--norm-group-size must be at least 1"),
+    (["--norm-group-size", "-1"], "--norm-group-size must be at least 0"),
 ])
 def test_train_bad_input_is_one_line(tmp_path, trained_run, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -1251,6 +1251,10 @@ def test_training_defaults_follow_the_preset_recipe_and_ho_et_al_stay_reachable(
     assert config("--T", "300")["schedule"] == train.SCHEDULE_AT_OTHER_T
     assert config("--T", "300", "--schedule", "linear")["schedule"] == "linear"  # the seeds' exact betas
     assert config("--process", "ve")["min_snr"] == 0.0
+    # 0 asks for the old GroupNorm rule, which a model config spells None (as configs saved before it do)
+    assert config("--norm-group-size", "0")["model"]["norm_group_size"] is None
+    assert config("--norm-group-size", "8")["model"]["norm_group_size"] == 8
+    assert faces["model"].get("norm_group_size") is None
 
 
 def test_train_error_has_no_traceback_from_the_shell(tmp_path):
