@@ -323,7 +323,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-FIRST_GRID = 400  # a grid this early too: the CPU demo's shapes are recognisable by then (about 4 minutes)
+FIRST_GRID = 400  # a grid this early too: the CPU demo's shapes are recognisable by then (about 2 minutes)
 AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
                 "base_channels", "num_res_blocks", "steps", "num_heads", "grad_accum")
 AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout", "norm_group_size")
