@@ -417,7 +417,8 @@ def run_config(args):
 
 # Training defaults by preset. The tiny preset's recipe was measured on MNIST at a budget of 15
 # CPU-minutes (README, "A training recipe per CPU-minute"); the other presets keep Ho et al.'s, which
-# these flags also restore for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear.
+# these flags also restore for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear
+# (and --norm-group-size 0 their GroupNorm rule).
 RECIPES = {"ho": dict(lr=2e-4, prediction="eps", min_snr=0.0),
            "tiny": dict(lr=1e-3, prediction="eps", min_snr=5.0)}
 SCHEDULE_AT_OTHER_T = "rescaled-linear"  # the default schedule when --T is not 1000 (measured: README)
