@@ -215,7 +215,7 @@ RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one th
     "w16-g4-seed2": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--seed", "2"],
     "w32-g4": [*MINSNR, "--base-channels", "32", "--norm-group-size", "4"],  # parent: w32
     "w16-g4-d2": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--num-res-blocks", "2"],
-    "w16-g4-lr2e-3": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--lr", "2e-3"],
+    "w16-g4-cosine": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--schedule", "cosine"],
     "g4": [*MINSNR, "--norm-group-size", "4"],         # parent: minsnr
     "heads4": [*MINSNR, "--num-heads", "4"],
     "b32": [*MINSNR, "--batch-size", "32"],
