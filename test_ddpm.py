@@ -1679,8 +1679,11 @@ def test_two_processes_write_the_same_samples_and_fid_as_one(tmp_path, one_proce
     common = [one_process_run, "--num-samples", "5", "--batch-size", "2", "--sampler", "ddpm", "--steps", "4",
               "--fid", tmp_path / "ref", "--fid-weights", inception_weights]
     write_images(tmp_path / "ref", 4, seed=1)
+    # one thread, as torchrun gives each process: the thread count changes the order of float sums in
+    # the convolutions, and with it the features' last bits
     one = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, common), "--out", str(tmp_path / "a"),
-                          "--grid", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=ROOT)
+                          "--grid", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert one.returncode == 0, one.stderr
     two = torchrun(2, "sample.py", *common, "--out", tmp_path / "b", "--grid", tmp_path / "b.png")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -1696,7 +1699,8 @@ def test_fid_py_on_two_processes_equals_one(tmp_path, inception_weights):
     write_images(tmp_path / "x", 5, seed=2)
     write_images(tmp_path / "y", 4, seed=3, bright=60)
     args = [tmp_path / "x", tmp_path / "y", "--weights", inception_weights, "--kid", "--kid-subset-size", "3"]
-    one = subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True, text=True)
+    one = subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))  # as torchrun's processes: same float sums
     two = torchrun(2, "fid.py", *args)
     assert one.returncode == 0 and one.stdout.startswith("FID:") and two.stdout == one.stdout
 
