@@ -301,7 +301,8 @@ class UNet(nn.Module):
                 self.up.append(Upsample(cur))
                 res *= 2
 
-        self.out = nn.Sequential(_norm(norm, cur, norm_group_size), _act(activation), nn.Conv2d(cur, in_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(norm, cur, norm_group_size), _act(activation),
+                                 nn.Conv2d(cur, in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
