@@ -200,6 +200,7 @@ MNIST_RUN = ["--channels", "1", "--image-size", "32", "--no-flip", "--preset", "
 OLD_TINY = ["--base-channels", "24", "--norm-group-size", "0"]  # the tiny preset's model before 2026-11-24
 HO = [*OLD_TINY, "--lr", "1e-3", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear"]  # its recipe
 MINSNR = [*HO[:-4], "--min-snr", "5", "--schedule", "linear"]
+TINY_NOW = [*MINSNR, "--base-channels", "16", "--norm-group-size", "4"]  # the tiny preset since 2026-11-24
 RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one thing from its parent
     "base": HO,
     "minsnr": MINSNR,                                  # parent: base
@@ -210,12 +211,12 @@ RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one th
     "lr2e-3": [*MINSNR, "--lr", "2e-3"],
     "w32": [*MINSNR, "--base-channels", "32"],
     "w16": [*MINSNR, "--base-channels", "16"],
-    "w16-g4": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4"],  # parent: w16
-    "w16-g4-seed1": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--seed", "1"],
-    "w16-g4-seed2": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--seed", "2"],
+    "w16-g4": TINY_NOW,                               # parent: w16
+    "w16-g4-seed1": [*TINY_NOW, "--seed", "1"],
+    "w16-g4-seed2": [*TINY_NOW, "--seed", "2"],
+    "w16-g4-d2": [*TINY_NOW, "--num-res-blocks", "2"],
+    "w16-g4-cosine": [*TINY_NOW, "--schedule", "cosine"],
     "w32-g4": [*MINSNR, "--base-channels", "32", "--norm-group-size", "4"],  # parent: w32
-    "w16-g4-d2": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--num-res-blocks", "2"],
-    "w16-g4-cosine": [*MINSNR, "--base-channels", "16", "--norm-group-size", "4", "--schedule", "cosine"],
     "g4": [*MINSNR, "--norm-group-size", "4"],         # parent: minsnr
     "heads4": [*MINSNR, "--num-heads", "4"],
     "b32": [*MINSNR, "--batch-size", "32"],
