@@ -1602,11 +1602,17 @@ def test_a_cuda_device_on_a_machine_without_one_is_one_line_for_every_command(tm
 import os  # noqa: E402
 
 
+def one_thread_env(**extra):
+    """The environment with one thread per process, as torchrun's processes get: a one-process run
+    compared with them bit for bit needs it too, as the thread count changes the order of float sums."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
 def torchrun(nproc, script, *argv, env=None, wait=True):
     """`torchrun --nproc_per_node nproc --standalone script argv` (as python -m torch.distributed.run)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(ROOT / script), *map(str, argv)]
-    environ = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    environ = one_thread_env(**(env or {}))
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
@@ -1679,11 +1685,9 @@ def test_two_processes_write_the_same_samples_and_fid_as_one(tmp_path, one_proce
     common = [one_process_run, "--num-samples", "5", "--batch-size", "2", "--sampler", "ddpm", "--steps", "4",
               "--fid", tmp_path / "ref", "--fid-weights", inception_weights]
     write_images(tmp_path / "ref", 4, seed=1)
-    # one thread, as torchrun gives each process: the thread count changes the order of float sums in
-    # the convolutions, and with it the features' last bits
     one = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, common), "--out", str(tmp_path / "a"),
                           "--grid", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=one_thread_env())
     assert one.returncode == 0, one.stderr
     two = torchrun(2, "sample.py", *common, "--out", tmp_path / "b", "--grid", tmp_path / "b.png")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -1700,7 +1704,7 @@ def test_fid_py_on_two_processes_equals_one(tmp_path, inception_weights):
     write_images(tmp_path / "y", 4, seed=3, bright=60)
     args = [tmp_path / "x", tmp_path / "y", "--weights", inception_weights, "--kid", "--kid-subset-size", "3"]
     one = subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))  # as torchrun's processes: same float sums
+                         env=one_thread_env())
     two = torchrun(2, "fid.py", *args)
     assert one.returncode == 0 and one.stdout.startswith("FID:") and two.stdout == one.stdout
 
