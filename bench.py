@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+import cli
 import ddpm
 import fid
-import train
 
 
 def machine(device):
@@ -139,11 +139,11 @@ def bench_fid(args, device):
             "images_per_s": round(args.fid_batch / seconds, 1)}
 
 
-def gaussian_eps(diffusion, mu=0.3, sd=0.5):
-    """The exact eps-predictor for data x0 ~ N(mu, sd^2 I) (the tests' oracle)."""
+def gaussian_eps(process, mu=0.3, sd=0.5):
+    """The exact eps-predictor for data x0 ~ N(mu, sd^2 I) (the tests' oracle), at integer or float t."""
     def model(x, t):
-        a = ddpm.extract(diffusion.alphas_cumprod, t, x.shape)
-        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * sd ** 2 + 1 - a)
+        a, s = (v.reshape(-1, 1, 1, 1) for v in process.marginal_at(t))
+        return s * (x - a * mu) / (a ** 2 * sd ** 2 + s ** 2)
     return model
 
 
@@ -163,6 +163,9 @@ def solver_errors(diffusion, model, x_T, nfes, spacings):
     return rows
 
 
+SOLVER_SPACINGS = ("linspace", "trailing", "lambda")  # the default, the one before it, even in lambda
+
+
 def bench_solvers(args, device):
     """Issue 9's table: the exact Gaussian predictor (linear and cosine, T = 1000) and a trained run."""
     nfes, g = (5, 10, 20, 30, 50), torch.Generator(device).manual_seed(0)
@@ -170,12 +173,11 @@ def bench_solvers(args, device):
     for schedule in ("linear", "cosine"):
         d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000)).to(device)
         x_T = torch.randn(4096, 1, 4, 4, generator=g, device=device)
-        out[f"gaussian_{schedule}"] = solver_errors(d, gaussian_eps(d), x_T, nfes, ddpm.SPACINGS)
-    ckpt, _, ema, d = train.load_checkpoint(args.solvers, device)
+        out[f"gaussian_{schedule}"] = solver_errors(d, gaussian_eps(d), x_T, nfes, SOLVER_SPACINGS)
+    ckpt, net, d = cli.load_run(args.solvers, device)
     c, s = ckpt["config"]["model"]["in_channels"], ckpt["config"]["model"]["image_size"]
     x_T = torch.randn(args.solver_n, c, s, s, generator=g, device=device)
-    net = train.sampling_model(ckpt["config"], ema.model.eval(), d)
-    out["trained"] = solver_errors(d, net, x_T, nfes, ddpm.SPACINGS)
+    out["trained"] = solver_errors(d, net, x_T, nfes, SOLVER_SPACINGS)
     batch = x_T[:args.sample_batch]
     with torch.inference_mode():
         out["s_per_image"] = {f"{name}_{k}": round(timed(lambda: fn(k), device, args.repeats) / batch.shape[0], 4)
@@ -193,14 +195,14 @@ def bench_solvers(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# training recipes: sample quality after a fixed CPU budget (issue 13)
+# training recipes: sample quality after a fixed CPU budget (docs/recipes.md)
 
 MNIST_RUN = ["--channels", "1", "--image-size", "32", "--no-flip", "--preset", "tiny", "--sample-every", "0",
              "--save-every", "100000"]
-OLD_TINY = ["--base-channels", "24", "--norm-group-size", "0"]  # the tiny preset's model before 2026-11-24
+OLD_TINY = ["--base-channels", "24", "--norm-group-size", "0"]  # the tiny preset before 16 channels, 4 a group
 HO = [*OLD_TINY, "--lr", "1e-3", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear"]  # its recipe
 MINSNR = [*HO[:-4], "--min-snr", "5", "--schedule", "linear"]
-TINY_NOW = [*MINSNR, "--base-channels", "16", "--norm-group-size", "4"]  # the tiny preset since 2026-11-24
+TINY_NOW = [*MINSNR, "--base-channels", "16", "--norm-group-size", "4"]  # the tiny preset
 RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one thing from its parent
     "base": HO,
     "minsnr": MINSNR,                                  # parent: base
@@ -220,7 +222,7 @@ RECIPES = {  # name -> train.py options on top of MNIST_RUN; each changes one th
     "g4": [*MINSNR, "--norm-group-size", "4"],         # parent: minsnr
     "heads4": [*MINSNR, "--num-heads", "4"],
     "b32": [*MINSNR, "--batch-size", "32"],
-    "t300-linear": [*MINSNR, "--T", "300", "--schedule", "linear"],  # seed 000's schedule: alpha-bar_T = 0.048
+    "t300-linear": [*MINSNR, "--T", "300", "--schedule", "linear"],  # alpha-bar_T = 0.048
     "t300-rescaled": [*MINSNR, "--T", "300", "--schedule", "rescaled-linear"],
     "t300-cosine": [*MINSNR, "--T", "300", "--schedule", "cosine"],
 }
@@ -300,8 +302,9 @@ def main():
     p.add_argument("--quality", nargs="+", metavar="RECIPE", choices=sorted(RECIPES),
                    help="train these recipes on MNIST for --minutes each and score them with mnist_fd.py")
     p.add_argument("--minutes", type=float, default=15.0, help="--quality: training budget of each recipe")
-    p.add_argument("--mnist", default="../shared/data/mnist", help="--quality: the digits")
-    p.add_argument("--fd-tool", default="../shared/tools/mnist_fd.py", help="--quality: the FD script")
+    p.add_argument("--mnist", help="--quality: a folder of MNIST's IDX files")
+    p.add_argument("--fd-tool", help="--quality: a script that prints 'FOLDER: n=N FD value' for a folder of "
+                                     "samples (a Frechet distance in an MNIST classifier's features)")
     p.add_argument("--fd-n", type=int, default=2000, help="--quality: samples per FD")
     p.add_argument("--fd-samplers", default="dpm++:20:--eta 1",
                    help="--quality: comma-separated SAMPLER:CALLS[:sample.py options]")
@@ -310,6 +313,8 @@ def main():
     p.add_argument("--fd-only", action="store_true", help="--quality: score the runs already trained")
     args = p.parse_args()
     if args.quality:
+        if not (args.mnist and args.fd_tool):
+            p.error("--quality needs --mnist FOLDER and --fd-tool SCRIPT")
         for name in args.quality:
             bench_recipe(name, args)
         return

@@ -38,11 +38,6 @@ def extract(a, t, x_shape):
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-def _on(device, *coefs):
-    """Sampler coefficients computed in float64 on the CPU -> float32 on `device`, once per call."""
-    return [c.float().to(device) for c in coefs]
-
-
 def randn(shape, generator=None, device=None):
     """Standard normal noise of `shape`. generator: a torch.Generator, or a list of one per sample
     (shape[0] of them), so that each sample's noise does not depend on the batch it is drawn in."""
@@ -55,8 +50,9 @@ def randn(shape, generator=None, device=None):
 
 def sample_generators(seed, indices, device="cpu"):
     """One generator per sample, seeded from (seed, sample index): pass the list as any sampler's
-    generator and sample i is the same whichever batch, or process, draws it."""
-    return [torch.Generator(device).manual_seed(seed * 2 ** 32 + i) for i in indices]
+    generator and sample i is the same whichever batch, or process, draws it. The CPU generator keeps
+    32 bits of a seed, so (seed, i) maps to (i + seed * 0x9E3779B1) mod 2^32: seed 0 seeds sample i with i."""
+    return [torch.Generator(device).manual_seed((i + seed * 0x9E3779B1) % 2 ** 32) for i in indices]
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -66,9 +62,14 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log P(x) per element for data on the 8-bit grid in [-1, 1] under N(mean, e^(2 log_scale)) integrated
-    over x's bin of width 2/255, the end bins reaching to -inf and +inf (Ho et al. section 3.3, eq. 13)."""
+    over x's bin of width 2/255, the end bins reaching to -inf and +inf (Ho et al. section 3.3, eq. 13).
+    The bin's mass is a difference of log-CDFs on the side of the mean where both are small (a bin above
+    the mean is reflected below it), so it stays exact many scales into either tail."""
     lo, hi = (x - mean - 1 / 255) / log_scale.exp(), (x - mean + 1 / 255) / log_scale.exp()
-    middle = torch.log((torch.special.ndtr(hi) - torch.special.ndtr(lo)).clamp(min=1e-12))
+    above = lo > 0
+    a, b = torch.where(above, -hi, lo), torch.where(above, -lo, hi)  # a < b, and a < 0
+    log_b = torch.special.log_ndtr(b)
+    middle = log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
     return torch.where(x < -0.999, torch.special.log_ndtr(hi),
                        torch.where(x > 0.999, torch.special.log_ndtr(-lo), middle))
 
@@ -79,11 +80,6 @@ def _central_slopes(y):
         return torch.zeros_like(y)
     inner = (y[2:] - y[:-2]) / 2
     return torch.cat([y[1:2] - y[:1], inner, y[-1:] - y[-2:-1]])
-
-
-def _check_t(t, x):
-    if t.dtype != torch.long or t.shape != (x.shape[0],):
-        raise ValueError(f"t must be a LongTensor of shape [{x.shape[0]}], got {t.dtype} {tuple(t.shape)}")
 
 # ----------------------------------------------------------------------------------------------
 # beta schedules (float64)
@@ -96,7 +92,8 @@ def make_betas(schedule, T, beta_start=1e-4, beta_end=0.02):
 
     "linear": evenly spaced from beta_start to beta_end (Ho et al.; not rescaled with T).
     "rescaled-linear": the same with both ends times 1000 / T (improved-diffusion's convention), so
-              that alpha-bar_T stays near Ho et al.'s 4e-5 for any T > 20; "linear" at T = 1000.
+              that alpha-bar_T stays near Ho et al.'s 4.0e-5: 2.0e-5 at T = 100, 3.4e-5 at 300, 4.2e-5
+              at 2000, but 7.7e-6 at 50 and 2.4e-7 at 25; "linear" at T = 1000.
     "cosine": Nichol & Dhariwal eq. 17, alpha-bar(t) = f(t) / f(0) with
               f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), s = 0.008, betas clipped at 0.999.
     """
@@ -121,7 +118,7 @@ def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017).
 
     Frequencies w_i = max_period^(-2i/dim), i = 0 .. dim/2 - 1, laid out as [sin(t w), cos(t w)]:
-    the halves of seed 000's eq. 8 concatenated instead of interleaved (the same features in a
+    the two halves concatenated as in Ho et al.'s code, not interleaved as in Vaswani et al. (the same features in a
     fixed order, which the MLP that follows does not care about).
     """
     half = dim // 2
@@ -136,7 +133,7 @@ def _act(name):
 
 
 def _norm(kind, ch, group_size=None):
-    """GroupNorm, or BatchNorm as in seed 000. group_size channels per group; None: gcd(32, ch) groups,
+    """GroupNorm (Wu & He 2018), or BatchNorm. group_size channels per group; None: gcd(32, ch) groups,
     which is Ho et al.'s 32 at their widths but a single channel per group (an instance norm, which
     discards every channel's mean) at 16 or 32 channels, the U-Net's rule before group_size existed."""
     if kind == "batch":
@@ -213,13 +210,13 @@ class Upsample(nn.Module):
 
 PRESETS = {
     # 0.28 M parameters: tests and CPU demos at 28-32 px. Four channels per GroupNorm group, where
-    # the old rule gave 16 and 32 channels one each (README: a training recipe per CPU-minute).
+    # the gcd(32, C) rule gives 16 and 32 channels one each, an instance norm (docs/recipes.md).
     "tiny": dict(base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                  dropout=0.0, image_size=32, norm_group_size=4),
     # Ho et al. CIFAR-10 model: 35.7 M parameters.
     "cifar10": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                     attn_resolutions=(16,), dropout=0.1, image_size=32),
-    # 64x64 faces in the spirit of seed 000: four levels to 8x8, attention only at 8x8 (cheap).
+    # 64x64 faces: four levels to 8x8, attention only at 8x8 (cheap).
     "faces64": dict(base_channels=64, channel_mults=(1, 2, 2, 4), num_res_blocks=2,
                     attn_resolutions=(8,), dropout=0.1, image_size=64),
 }
@@ -248,7 +245,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, activation="silu", norm="group", image_size=32,
-                 time_scale=1.0, num_heads=1, norm_group_size=None):
+                 time_scale=1.0, num_heads=1, norm_group_size=None, num_classes=None):
         super().__init__()
         if activation not in ("silu", "relu"):
             raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
@@ -268,15 +265,19 @@ class UNet(nn.Module):
         if norm_group_size is not None and (norm_group_size < 1 or any(w % norm_group_size for w in widths)):
             raise ValueError(f"norm_group_size must be at least 1 and divide every level's channels "
                              f"{sorted(widths)}, got {norm_group_size}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout,
                            activation=activation, norm=norm, image_size=image_size, time_scale=time_scale,
-                           num_heads=num_heads, norm_group_size=norm_group_size)
+                           num_heads=num_heads, norm_group_size=norm_group_size, num_classes=num_classes)
         ch, temb_dim = base_channels, 4 * base_channels
         block = dict(temb_dim=temb_dim, dropout=dropout, act=activation, norm=norm, group_size=norm_group_size)
         heads = lambda res: num_heads if res in attn_resolutions else 0  # 0: no attention at this resolution
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(activation), nn.Linear(temb_dim, temb_dim))
+        # class embeddings added to the time embedding (Dhariwal & Nichol 2021); row num_classes is the null class
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         self.down, skips, res, cur = nn.ModuleList(), [ch], image_size, ch
@@ -306,8 +307,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t):
-        """x: [B, C, H, W], t: [B] timesteps (integers, or floats for the SDE samplers) -> noise [B, C, H, W].
+    def forward(self, x, t, y=None):
+        """x: [B, C, H, W], t: [B] timesteps (integers, or floats for the SDE samplers), y: [B] class labels
+        of a class-conditional U-Net (None, or the index num_classes: the null class) -> noise [B, C, H, W].
 
         time_scale multiplies t first. A VE model's t in (0, 1] is scaled by 1000 so that its embedding
         spans the same frequencies as DDPM's 0..999; sigma_t grows monotonically with t (log sigma_t
@@ -315,6 +317,11 @@ class UNet(nn.Module):
         """
         scale = self.config["time_scale"]
         temb = self.temb(timestep_embedding(t if scale == 1 else t * scale, self.config["base_channels"]))
+        if self.label_emb is not None:
+            null = torch.full((x.shape[0],), self.config["num_classes"], dtype=torch.long, device=x.device)
+            temb = temb + self.label_emb(null if y is None else y)
+        elif y is not None:
+            raise ValueError("labels given to a U-Net without num_classes")
         hs = [self.conv_in(x)]
         for m in self.down:
             hs.append(m(hs[-1], temb))
@@ -364,12 +371,9 @@ class EMA:
         self.model.load_state_dict(state["model"])
 
 # ----------------------------------------------------------------------------------------------
-# score SDEs (Song et al. 2021): the samplers and the likelihood, written once for every process
+# training targets
 
 LOSSES = ("l2", "l1", "huber")
-SPACINGS = ("leading", "trailing", "linspace", "logsnr")
-
-
 PREDICTIONS = ("eps", "v")
 
 
@@ -393,10 +397,37 @@ class EpsFromV(nn.Module):
         super().__init__()
         self.model, self.diffusion = model, diffusion
 
-    def forward(self, x, t):
+    def forward(self, x, t, *labels):
         alpha, sigma = self.diffusion.marginal_at(t)
-        return sigma.reshape(-1, 1, 1, 1) * x + alpha.reshape(-1, 1, 1, 1) * self.model(x, t)
+        return sigma.reshape(-1, 1, 1, 1) * x + alpha.reshape(-1, 1, 1, 1) * self.model(x, t, *labels)
 
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) for labels y [B] of a class-conditional model:
+    eps~ = eps(x, null) + s (eps(x, y) - eps(x, null)), with s = 1 + w for their w (the guidance scale of
+    diffusers and k-diffusion): s = 1 is the conditional model, s = 0 the unconditional one. Both halves go
+    through the model as one batch of 2B. null: the null class's label (the U-Net's num_classes)."""
+
+    def __init__(self, model, y, scale, null):
+        super().__init__()
+        self.model, self.y, self.scale, self.null = model, y, float(scale), null
+
+    def forward(self, x, t):
+        if self.scale == 1:
+            return self.model(x, t, self.y)
+        if self.scale == 0:
+            return self.model(x, t, torch.full_like(self.y, self.null))
+        cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]),
+                                  torch.cat([self.y, torch.full_like(self.y, self.null)])).chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+def drop_labels(y, p, null, generator=None):
+    """Labels y [B] with each replaced by the null class with probability p (Ho & Salimans 2022's p_uncond),
+    so that one network learns the conditional and the unconditional model."""
+    return torch.where(torch.rand(y.shape, generator=generator, device=y.device) < p, null, y)
+
+# ----------------------------------------------------------------------------------------------
+# an adaptive ODE solver, for the probability-flow ODE and the likelihood
 
 # Dormand & Prince (1980) 5(4): nodes, stages, 5th-order weights and the 5th - 4th order difference.
 DOPRI_C = (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1)
@@ -444,24 +475,225 @@ def odeint(f, y, t0, t1, rtol=1e-5, atol=1e-5, progress=None):
     return y, nfe
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the fixed-step samplers as tables of coefficients on a grid of times (float64)
+#
+# A grid is S model-call times from the noise end down; the sampler's last step goes from the last
+# call to the clean image, alpha = 1 and sigma = 0, where it returns x0_hat. With alpha, sigma [S + 1]
+# the marginals at the grid and then the clean image, step k of every sampler below is
+#     x_{k+1} = c[k] x_k + sum_j w[k, j] x0_hat_{k-j} + s[k] z,   x0_hat_k = (x_k - sigma_k eps_hat_k) / alpha_k.
+
+SPACINGS = ("leading", "trailing", "linspace", "logsnr")  # Diffusion's grids of integer timesteps
+
+
+def _pairs(alpha, sigma):
+    """(alpha_k, sigma_k, alpha_{k+1}, sigma_{k+1}) and the variance of the forward transition
+    q(x_k | x_{k+1}), sigma_k^2 - (alpha_k / alpha_{k+1})^2 sigma_{k+1}^2: beta_t on Ho et al.'s chain."""
+    a, s, a1, s1 = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+    return a, s, a1, s1, (s ** 2 - (a / a1) ** 2 * s1 ** 2).clamp(min=0)
+
+
+def ddpm_coefficients(alpha, sigma, variance="beta"):
+    """Ancestral sampling (Ho et al. Algorithm 2) on the grid: x_{k+1} is the mean of q(x_{k+1} | x_k,
+    x0_hat) (eqs. 6-7, with c = posterior_mean_coef2, w = coef1) plus noise of variance the forward
+    transition's ("beta": beta_t) or the posterior's ("posterior": beta-tilde_t)."""
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    a, s, a1, s1, var = _pairs(alpha, sigma)
+    noise = var if variance == "beta" else s1 ** 2 * var / s ** 2
+    return (a / a1) * s1 ** 2 / s ** 2, (a1 * var / s ** 2)[:, None], noise.sqrt()
+
+
+def ddim_coefficients(alpha, sigma, eta=0.0):
+    """DDIM (Song et al. 2020 eq. 12): x_{k+1} = alpha_{k+1} x0_hat + sqrt(sigma_{k+1}^2 - s^2) eps_hat + s z,
+    with s = eta times the posterior's standard deviation; eta = 0 is deterministic, eta = 1 ancestral."""
+    a, s, a1, s1, var = _pairs(alpha, sigma)
+    noise = eta * s1 / s * var.sqrt()
+    c = (s1 ** 2 - noise ** 2).clamp(min=0).sqrt() / s
+    return c, (a1 - c * a)[:, None], noise
+
+
+def dpm_solver_coefficients(alpha, sigma, order=2, eta=0.0, lower_order_final=False):
+    """DPM-Solver++(order M) (Lu et al. 2022b) in lambda = log(alpha / sigma), h_k = lambda_{k+1} - lambda_k,
+    phi_1 = expm1(-h): order 1 is x_{k+1} = sigma_{k+1} / sigma_k x_k - alpha_{k+1} phi_1 D with D = x0_hat_k
+    (DDIM); order 2 (Algorithm 2) takes D = (1 + 1/2r) m_0 - 1/2r m_1, r = h_{k-1} / h_k; order 3 adds the
+    second difference. The order drops to what the history allows on the first steps, to 1 on the last
+    step (h = inf) and, with lower_order_final, to 1 on the step into the last model call and at most 2
+    before it, as Lu et al.'s code does for grids that end at the data end, where that step is long.
+
+    eta > 0 (orders 1 and 2) is SDE-DPM-Solver++ (Lu et al. 2022b, appendix) with its noise scaled by eta:
+    c = sigma_{k+1} / sigma_k e^(-eta h), phi_1 = expm1(-(1 + eta) h) and s = sigma_{k+1} sqrt(-expm1(-2 eta h)),
+    so x_{k+1} keeps the marginal's variance; eta = 1 at order 1 is DDIM with eta = 1 (ancestral sampling).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if eta and order > 2:
+        raise ValueError(f"eta > 0 (SDE-DPM-Solver++) needs order 1 or 2, got order {order}")
+    S = len(alpha) - 1
+    lam = torch.log(alpha / sigma)  # +inf at the clean image
+    h = lam[1:] - lam[:-1]
+    m0, m1, m2 = torch.eye(3, dtype=torch.float64)  # x0_hat_k, x0_hat_{k-1}, x0_hat_{k-2} as weights
+    w = torch.zeros(S, 3, dtype=torch.float64)
+    for k in range(S):
+        q, phi1 = max(1, min(order, k + 1, S - k - lower_order_final)), torch.expm1(-(1 + eta) * h[k])
+        if q == 1:
+            D = m0
+        elif q == 2:
+            r0 = h[k - 1] / h[k]
+            D = (1 + 1 / (2 * r0)) * m0 - 1 / (2 * r0) * m1
+        else:  # the multistep third-order update: D_1 and D_2 approximate the first two derivatives
+            r0, r1 = h[k - 1] / h[k], h[k - 2] / h[k]
+            d0, d1 = (m0 - m1) / r0, (m1 - m2) / r1
+            D1, D2 = d0 + r0 / (r0 + r1) * (d0 - d1), (d0 - d1) / (r0 + r1)
+            phi2 = phi1 / h[k] + 1
+            D = m0 - phi2 / phi1 * D1 + (phi2 / h[k] - 0.5) / phi1 * D2
+        w[k] = -alpha[k + 1] * phi1 * D
+    ratio = sigma[1:] / sigma[:-1]
+    if not eta:  # (0 * inf is nan on the last step)
+        return ratio, w[:, :order], torch.zeros(S, dtype=torch.float64)
+    return ratio * torch.exp(-eta * h), w[:, :order], sigma[1:] * (-torch.expm1(-2 * eta * h)).sqrt()
+
+
+def euler_maruyama_coefficients(times, alpha, sigma, f, g2):
+    """Euler-Maruyama on the reverse SDE dx = [f x - g^2 score] dt + g dw (Song et al. eq. 6) from t_k to
+    t_{k+1}: x <- x - (f x + g^2 eps_hat / sigma) dt + g sqrt(dt) z, with eps_hat = (x - alpha x0_hat) / sigma;
+    the last call returns x0_hat = E[x_0 | x] without noise."""
+    dt = (times[:-1] - times[1:]).abs()
+    a, s, f, g2 = alpha[:-2], sigma[:-2], f[:-1], g2[:-1]
+    zero, one = times.new_zeros(1), times.new_ones(1)
+    c = torch.cat([1 - f * dt - g2 * dt / s ** 2, zero])
+    w = torch.cat([g2 * dt * a / s ** 2, one])
+    return c, w[:, None], torch.cat([(g2 * dt).sqrt(), zero])
+
+# ----------------------------------------------------------------------------------------------
+# a diffusion process: the loss and every sampler, written once (Song et al. 2021)
+
+
 class ScoreSDE(nn.Module):
     """A diffusion read as the SDE dx = f(t) x dt + g(t) dw (Song et al. 2021) whose marginals are
     x_t = alpha_t x_0 + sigma_t z, driven by an eps-model: the score is -eps_hat / sigma_t.
 
-    A process answers marginal(t) -> (alpha_t, sigma_t), sde(t) -> (f(t), g(t)^2), t_start (the
-    noise end), t_end (the data end) and prior_std; t is in the model's own time units, and
-    model(x, t) is called with t a float tensor [B]. Euler-Maruyama, predictor-corrector, the
-    probability-flow ODE and the likelihood below are written once against those answers.
+    A process answers marginal(t) -> (alpha_t, sigma_t) at any t (float64 in, float64 out), sde(t) ->
+    (f(t), g(t)^2), t_start (the noise end), t_end (the data end), prior_std, train_t(n), the spacings
+    of its time grids and model_time(times); t is in the model's own units. The loss, the fixed-step
+    samplers (one loop, each sampler a table of coefficients), DDIM inversion, the SDE and ODE samplers
+    and the likelihood are written once against those answers. model(x, t) is any callable -> eps_hat
+    with t a tensor [B]; put an nn.Module in eval mode before sampling.
     """
     prior_std = 1.0
+    spacings = ("time", "lambda")
+    default_spacing = "time"
 
     @property
     def device(self):
         return next(self.buffers()).device
 
+    def marginal_at(self, t):
+        return self.marginal(t)
+
     def langevin_alpha(self, t):
         """Song et al.'s alpha_i in the corrector's step size (Algorithm 5); 1 unless a process says."""
         return torch.ones_like(t)
+
+    def chain(self, start=None):
+        """The ancestral sampler's grid when no steps are given: 1000 noise levels evenly spaced in log sigma
+        (Song et al. 2021's N = 1000 for SMLD)."""
+        return self.time_grid(1000, "lambda", start)
+
+    def model_time(self, times):
+        """The grid's times as the model is called with them: float32 (Diffusion: integers stay integers)."""
+        return times if not times.is_floating_point() else times.float()
+
+    # -- forward process and training ---------------------------------------------------------------
+
+    def _check_t(self, t, x):
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a tensor of shape [{x.shape[0]}], got {tuple(t.shape)}")
+
+    def q_sample(self, x0, t, noise=None):
+        """Sample q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) (Ho et al. eq. 4 for Diffusion)."""
+        self._check_t(t, x0)
+        alpha, sigma = (v.reshape(-1, *(1,) * (x0.ndim - 1)) for v in self.marginal_at(t))
+        return alpha * x0 + sigma * (torch.randn_like(x0) if noise is None else noise)
+
+    def loss(self, model, x0, loss_type="l2", t=None, noise=None, prediction="eps", min_snr=None,
+             reduction="mean", y=None):
+        """L_simple (Ho et al. eq. 14): E_{t, x0, eps} ||eps - eps_theta(x_t, t)|| with t ~ train_t; for VESDE
+        this is denoising score matching with lambda(t) = sigma_t^2 (Song et al. eq. 7).
+
+        loss_type: "l2" (the paper's), "l1", or "huber" (SmoothL1). prediction "v": the model predicts
+        v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022; sample with EpsFromV). min_snr = gamma weights each
+        sample by min(SNR_t, gamma) / SNR_t for eps and / (SNR_t + 1) for v (Hang et al. 2023), SNR_t =
+        alpha_t^2 / sigma_t^2: both are min(SNR_t, gamma) times the x_0 error. y: class labels [B], passed to
+        model(x_t, t, y). Returns a scalar, or the per-sample losses [B] for reduction="none".
+        """
+        if x0.ndim != 4:
+            raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        alpha, sigma = self.marginal_at(t)
+        target = noise
+        if prediction == "v":
+            target = alpha.reshape(-1, 1, 1, 1) * noise - sigma.reshape(-1, 1, 1, 1) * x0
+        weight = None
+        if min_snr is not None:
+            snr = (alpha / sigma) ** 2
+            weight = snr.clamp(max=min_snr) / (snr if prediction == "eps" else snr + 1)
+        x_t = self.q_sample(x0, t, noise)
+        return eps_distance(model(x_t, t) if y is None else model(x_t, t, y), target, loss_type, weight, reduction)
+
+    # -- time grids ------------------------------------------------------------------------------
+
+    def time_grid(self, steps, spacing=None, start=None):
+        """`steps` model-call times from the noise end down, on the CPU: "time" evenly spaced in t from
+        t_start to t_end, "lambda" evenly spaced in lambda = log(alpha / sigma) from lambda(t_start) to
+        lambda(t_end) (Lu et al. 2022's logSNR steps), both float64. The samplers step from the last one
+        to the clean image, where they return x0_hat. start (SDEdit's t_0, Meng et al. 2022): the grid
+        squeezed linearly in t into [t_end, start] (Diffusion's integer grids rounded, repeats dropped)."""
+        times = self._grid_times(steps, spacing)
+        if start is None or start == self.t_start:
+            return times
+        if not self.t_end <= start <= self.t_start:
+            raise ValueError(f"start must be in [{self.t_end:g}, {self.t_start:g}], got {start}")
+        squeezed = self.t_end + (times.double() - self.t_end) * (start - self.t_end) / (self.t_start - self.t_end)
+        return squeezed if times.is_floating_point() else squeezed.round().long().unique_consecutive()
+
+    def _grid_times(self, steps, spacing):
+        spacing = spacing or self.default_spacing
+        if spacing not in self.spacings:
+            raise ValueError(f"unknown spacing {spacing!r} for {type(self).__name__}; valid: {', '.join(self.spacings)}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        ends = torch.tensor([self.t_start, self.t_end], dtype=torch.float64)
+        if spacing == "time" or steps == 1:
+            return torch.linspace(*ends.tolist(), steps, dtype=torch.float64)
+        times = self.time_of_log_snr(torch.linspace(*self.log_snr(ends).tolist(), steps, dtype=torch.float64))
+        times[[0, -1]] = ends  # exactly, not to the bisection's last bit
+        return times
+
+    def log_snr(self, t):
+        """lambda_t = log(alpha_t / sigma_t), decreasing in t."""
+        alpha, sigma = self.marginal(t)
+        return torch.log(alpha / sigma)
+
+    def time_of_log_snr(self, lam):
+        """The times where lambda_t = lam (float64), by bisection between t_end and t_start."""
+        lo, hi = torch.full_like(lam, self.t_end), torch.full_like(lam, self.t_start)
+        for _ in range(64):  # the interval halves: 2^-64 of t_start - t_end, float64's resolution
+            mid = (lo + hi) / 2
+            above = self.log_snr(mid) > lam  # lambda is decreasing: the root lies later
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return ((lo + hi) / 2).clamp(self.t_end, self.t_start)
+
+    def _grid(self, times):
+        """alpha and sigma at the grid's times, then at the clean image (1, 0): [S + 1], float64."""
+        alpha, sigma = self.marginal(times.to(torch.float64))
+        return torch.cat([alpha, alpha.new_ones(1)]), torch.cat([sigma, sigma.new_zeros(1)])
+
+    # -- the fixed-step samplers: one loop ---------------------------------------------------------
 
     def _start(self, shape, x_T, generator):
         if x_T is not None:
@@ -469,6 +701,142 @@ class ScoreSDE(nn.Module):
         if shape is None:
             raise ValueError("give shape or x_T")
         return self.prior_std * randn(shape, generator, self.device)
+
+    def run_grid(self, model, x, times, coefficients, clip_x0=True, generator=None, return_trajectory=False,
+                 progress=None, hook=None, path=None):
+        """The loop of every fixed-step sampler: at grid point k, eps_hat = model(x, t_k), x0_hat (clipped to
+        [-1, 1] with clip_x0), then x <- c[k] x + sum_j w[k, j] x0_hat_{k-j} + s[k] z from the table
+        `coefficients` = (c, w, s), no noise on the last step. hook(x, k, alpha_k, sigma_k) -> x runs before
+        the model call at point k and at the end (k = S, the clean image: alpha 1, sigma 0). `path`, the grid
+        points visited (0 .. S by default), may step back from k to j < k: a draw of q(x_j | x_k), the forward
+        process (Lugmayr et al. 2022). progress(i, n) after each model call. Returns x_0, or (x_0, [x_T, ...,
+        x_0])."""
+        alpha, sigma = self._grid(times)
+        ends = list(zip(alpha.tolist(), sigma.tolist()))
+        S, device = len(times), x.device
+        t = self.model_time(times).to(device)
+        inv_alpha, sigma_over_alpha = (v.float().to(device) for v in (1 / alpha[:-1], sigma[:-1] / alpha[:-1]))
+        c, w, s = (v.float().to(device) for v in coefficients)
+        noisy = bool((coefficients[2][:-1] > 0).any())
+        path = list(range(S + 1)) if path is None else list(path)
+        calls, done, history, trajectory = sum(j > i for i, j in zip(path, path[1:])), 0, [], [x]
+        for i, j in zip(path, path[1:]):
+            if j < i:  # back to the noisier point j through the forward process; the history is void
+                r = (alpha[j] / alpha[i]).item()
+                x, history = r * x + (sigma[j] ** 2 - r ** 2 * sigma[i] ** 2).sqrt().item() * randn(
+                    x.shape, generator, device), []
+            else:
+                x = hook(x, i, *ends[i]) if hook else x
+                x0 = inv_alpha[i] * x - sigma_over_alpha[i] * model(x, t[i].expand(x.shape[0]))
+                history = [x0.clamp(-1, 1) if clip_x0 else x0, *history[:w.shape[1] - 1]]
+                x = c[i] * x + sum(w[i, k] * m for k, m in enumerate(history))
+                if noisy and j < S:  # no noise at the last step: x_0 is the mean
+                    x = x + s[i] * randn(x.shape, generator, device)
+                done += 1
+                if progress:
+                    progress(done, calls)
+            if return_trajectory:
+                trajectory.append(x)
+        if hook:
+            x = hook(x, S, 1.0, 0.0)
+            trajectory[-1] = x
+        return (x, trajectory) if return_trajectory else x
+
+    @torch.inference_mode()
+    def ddpm_sample(self, model, shape=None, x_T=None, variance="beta", clip_x0=True, generator=None,
+                    return_trajectory=False, progress=None, steps=None, spacing=None, start=None, **loop):
+        """Ancestral sampling, Ho et al. Algorithm 2, over the process's own chain (Diffusion: all T steps;
+        VESDE: 1000 noise levels), or respaced to `steps` calls on time_grid(steps, spacing) as improved-
+        diffusion's respacing. variance: sigma_t^2 = beta_t ("beta") or beta-tilde_t ("posterior");
+        clip_x0 clips x0_hat to [-1, 1]. `generator` (or one per sample) lives on the sampling device.
+        start: the time x_T is at (SDEdit's t_0; see time_grid); **loop: run_grid's hook and path."""
+        times = self.time_grid(steps, spacing, start) if steps is not None else self.chain(start)
+        x = self._start(shape, x_T, generator)
+        return self.run_grid(model, x, times, ddpm_coefficients(*self._grid(times), variance), clip_x0, generator,
+                             return_trajectory, progress, **loop)
+
+    @torch.inference_mode()
+    def ddim_sample(self, model, shape=None, x_T=None, steps=50, eta=0.0, clip_x0=True, generator=None,
+                    return_trajectory=False, progress=None, spacing=None, start=None, **loop):
+        """DDIM sampling (Song et al. 2020 eq. 12) over time_grid(steps, spacing, start); eta = 0 is deterministic,
+        eta = 1 with every step of Ho et al.'s chain is DDPM with beta-tilde. Returns as ddpm_sample."""
+        times = self.time_grid(steps, spacing, start)
+        x = self._start(shape, x_T, generator)
+        return self.run_grid(model, x, times, ddim_coefficients(*self._grid(times), eta), clip_x0, generator,
+                             return_trajectory, progress, **loop)
+
+    @torch.inference_mode()
+    def dpm_solver_sample(self, model, shape=None, x_T=None, steps=20, order=2, spacing=None, clip_x0=True,
+                          eta=0.0, generator=None, return_trajectory=False, progress=None, start=None, **loop):
+        """DPM-Solver++ multistep (Lu et al. 2022b): one model call per step over time_grid(steps, spacing).
+        order 1 is DDIM (eta = 0), 2 is DPM-Solver++(2M), 3 is 3M; eta = 1 is SDE-DPM-Solver++(2M) on the
+        reverse SDE (dpm_solver_coefficients). clip_x0 clips each x0_hat (thresholding). Returns as ddpm_sample."""
+        times = self.time_grid(steps, spacing, start)
+        x = self._start(shape, x_T, generator)
+        table = dpm_solver_coefficients(*self._grid(times), order, eta, lower_order_final=bool(times[-1] == self.t_end))
+        return self.run_grid(model, x, times, table, clip_x0, generator, return_trajectory, progress, **loop)
+
+    @torch.inference_mode()
+    def sde_sample(self, model, shape=None, x_T=None, steps=500, corrector_steps=0, snr=0.16, generator=None,
+                   return_trajectory=False, progress=None, spacing="time", start=None, **loop):
+        """Euler-Maruyama on the reverse SDE (euler_maruyama_coefficients) over `steps` times evenly spaced
+        from t_start to t_end; the last call returns E[x_0 | x] without noise. corrector_steps >= 1 runs
+        that many Langevin steps before each predictor step (PC, Song et al. Algorithms 4-5), of size
+        2 alpha_i (snr |z| / |score|)^2 with the norms averaged over the batch. Returns as ddpm_sample.
+        """
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2, got {steps}")
+        times = self.time_grid(steps, spacing, start)
+        x = self._start(shape, x_T, generator)
+        alpha, sigma = self._grid(times)
+        f, g2 = self.sde(times)
+        t, lang = self.model_time(times).to(x.device), self.langevin_alpha(times).float().to(x.device)
+        sigma_k = sigma.float().to(x.device)
+        # norms averaged over the batch, as Song et al.'s code: per-sample ratios are noisy at small D
+        norm = lambda v: v.flatten(1).norm(dim=1).mean()
+
+        def corrector(x, k, *_):
+            for _ in range(corrector_steps if k < steps else 0):
+                score, z = -model(x, t[k].expand(x.shape[0])) / sigma_k[k], randn(x.shape, generator, x.device)
+                step = 2 * lang[k] * (snr * norm(z) / norm(score)) ** 2
+                x = x + step * score + (2 * step).sqrt() * z
+            return x
+        given = loop.pop("hook", None)  # e.g. inpainting's: before the corrector
+        hook = corrector if not given else lambda x, *at: corrector(given(x, *at), *at)
+        return self.run_grid(model, x, times, euler_maruyama_coefficients(times, alpha, sigma, f, g2), False,
+                             generator, return_trajectory, progress, hook=hook if corrector_steps or given else None,
+                             **loop)
+
+    @torch.inference_mode()
+    def ddim_invert(self, model, x0, steps=50, refine=2, progress=None, spacing=None, start=None):
+        """DDIM inversion: the deterministic (eta = 0) DDIM step solved for its input, run x_0 -> x_T on
+        ddim_sample's grid for the same steps and spacing.
+
+        The step from grid point k to the next point (alpha', sigma') towards the data, clean at the end, is
+        x = alpha_k / alpha' (x' - sigma' eps) + sigma_k eps, first with eps taken at (x', t') (the classic
+        inversion of Song et al.: refine=0), then `refine` fixed-point iterations with eps at (x, t_k), the
+        point the sampler will see. Each costs one model call and shrinks the round-trip error of
+        ddim_sample(..., clip_x0=False) about tenfold.
+        """
+        times = self.time_grid(steps, spacing, start).flip(0)  # from the data end up
+        alpha, sigma = (v.flip(0) for v in self._grid(times.flip(0)))  # [clean, t_0 (data end), ..., noise end]
+        c_prev, s_prev, s = (v.float().to(self.device) for v in (alpha[1:] / alpha[:-1], sigma[:-1], sigma[1:]))
+        t = self.model_time(times).to(self.device)
+        x = x0.to(self.device, torch.float32)
+        for k in range(steps):
+            x_prev = x
+            for j in range(refine + 1):
+                eps = model(x, t[max(k - 1, 0) if j == 0 else k].expand(x.shape[0]))
+                x = c_prev[k] * (x_prev - s_prev[k] * eps) + s[k] * eps
+            if progress:
+                progress(k + 1, steps)
+        return x
+
+    def dpm_solver_coefficients(self, times, order, eta=0.0):
+        """dpm_solver_coefficients on this process's grid `times` (descending): (c, w, s)."""
+        return dpm_solver_coefficients(*self._grid(torch.as_tensor(times)), order, eta)
+
+    # -- the probability-flow ODE and the likelihood ------------------------------------------------
 
     def _eps(self, model, x, t):
         return model(x, t.expand(x.shape[0]))
@@ -480,52 +848,18 @@ class ScoreSDE(nn.Module):
         return f * x + 0.5 * g2 / sigma * self._eps(model, x, t)
 
     def _denoise(self, model, x, t):
-        """Tweedie's E[x_0 | x_t] = (x_t - sigma_t eps_hat) / alpha_t: every sampler's last step."""
+        """Tweedie's E[x_0 | x_t] = (x_t - sigma_t eps_hat) / alpha_t: the ODE sampler's last step."""
         alpha, sigma = self.marginal(t)
         return (x - sigma * self._eps(model, x, t)) / alpha
 
     @torch.inference_mode()
-    def sde_sample(self, model, shape=None, x_T=None, steps=500, corrector_steps=0, snr=0.16, generator=None,
-                   return_trajectory=False, progress=None):
-        """Euler-Maruyama on the reverse SDE dx = [f x - g^2 score] dt + g dw (Song et al. eq. 6) over
-        `steps` evenly spaced times from t_start to t_end; each step's model call at t_i is followed
-        by x <- x - (f x - g^2 score) dt + g sqrt(dt) z, and the last call returns the mean E[x_0 | x]
-        without noise. corrector_steps >= 1 runs that many Langevin steps before each predictor step
-        (PC, Algorithms 4-5), of size 2 alpha_i (snr |z| / |score|)^2 with the norms averaged over the
-        batch. Returns as ddpm_sample.
-        """
-        if steps < 2:
-            raise ValueError(f"steps must be at least 2, got {steps}")
+    def ode_sample(self, model, shape=None, x_T=None, rtol=1e-5, atol=1e-5, generator=None, progress=None,
+                   start=None):
+        """Samples by the probability-flow ODE (Song et al. eq. 13) from t_start (or start) to t_end with
+        odeint's Dormand-Prince 5(4), then E[x_0 | x_{t_end}]. Deterministic given x_T. Returns (x_0, model calls)."""
         x = self._start(shape, x_T, generator)
-        ts = torch.linspace(self.t_start, self.t_end, steps, device=x.device)
-        dt = abs(self.t_start - self.t_end) / (steps - 1)
-        (alpha, sigma), (f, g2), lang = self.marginal(ts), self.sde(ts), self.langevin_alpha(ts)
-        noise = lambda: randn(x.shape, generator, x.device)
-        # norms averaged over the batch, as Song et al.'s code: per-sample ratios are noisy at small D
-        norm = lambda v: v.flatten(1).norm(dim=1).mean()
-        trajectory = [x]
-        for i in range(steps):
-            for _ in range(corrector_steps):
-                score, z = -self._eps(model, x, ts[i]) / sigma[i], noise()
-                step = 2 * lang[i] * (snr * norm(z) / norm(score)) ** 2
-                x = x + step * score + (2 * step).sqrt() * z
-            eps = self._eps(model, x, ts[i])
-            if i == steps - 1:  # the last step returns the mean: no noise
-                x = (x - sigma[i] * eps) / alpha[i]
-            else:
-                x = x - (f[i] * x + g2[i] / sigma[i] * eps) * dt + (g2[i] * dt).sqrt() * noise()
-            if return_trajectory:
-                trajectory.append(x)
-            if progress:
-                progress(i + 1, steps)
-        return (x, trajectory) if return_trajectory else x
-
-    @torch.inference_mode()
-    def ode_sample(self, model, shape=None, x_T=None, rtol=1e-5, atol=1e-5, generator=None, progress=None):
-        """Samples by the probability-flow ODE (Song et al. eq. 13) from t_start to t_end with odeint's
-        Dormand-Prince 5(4), then E[x_0 | x_{t_end}]. Deterministic given x_T. Returns (x_0, model calls)."""
-        x = self._start(shape, x_T, generator)
-        x, nfe = odeint(lambda t, y: self.ode_drift(model, t, y), x, self.t_start, self.t_end, rtol, atol, progress)
+        x, nfe = odeint(lambda t, y: self.ode_drift(model, t, y), x, self.t_start if start is None else start,
+                        self.t_end, rtol, atol, progress)
         return self._denoise(model, x, torch.full((), self.t_end, device=x.device)), nfe + 1
 
     def bits_per_dim(self, model, x0, rtol=1e-5, atol=1e-5, hutchinson=1, generator=None):
@@ -558,17 +892,51 @@ class ScoreSDE(nn.Module):
         return -(prior + integral) / (D * math.log(2))
 
 # ----------------------------------------------------------------------------------------------
-# the DDPM process: forward process, loss and samplers
+# editing: inpainting (replacement, RePaint) through run_grid's hook and path
+
+
+class Replace:
+    """Inpainting by replacement (Song et al. 2021, appendix I.2), a run_grid hook: before every model call
+    the known pixels (keep true) are set to a draw of q(x_t | x0) at that point's time, alpha_t x0 + sigma_t z,
+    and at the end to x0 itself. x0 [B, C, H, W]; keep broadcasts to it."""
+
+    def __init__(self, x0, keep, generator=None):
+        self.x0, self.keep, self.generator = x0, keep.bool(), generator
+
+    def __call__(self, x, k, alpha, sigma):
+        known = alpha * self.x0 + (sigma * randn(x.shape, self.generator, x.device) if sigma > 0 else 0)
+        return torch.where(self.keep, known, x)
+
+
+def repaint_path(steps, jump=10, resample=10):
+    """RePaint's schedule (Lugmayr et al. 2022, Algorithm 1 with jumps) as run_grid's path over the grid
+    points 0 (the noise end) .. steps (the clean image): down one point at a time; on reaching a point whose
+    remaining steps t = steps - k are a multiple of `jump` below steps - jump (t = 0 too), back `jump` points
+    through the forward process and down again, resample - 1 times. Model calls: steps + (resample - 1)
+    jump len(range(0, steps - jump, jump)), 2,410 for the paper's 250 steps, jump 10, resample 10."""
+    if steps < 1 or jump < 1 or resample < 1:
+        raise ValueError(f"steps, jump and resample must be at least 1, got {steps}, {jump} and {resample}")
+    jumps = set(range(0, steps - jump, jump))
+    path = [0]
+    for k in range(1, steps + 1):
+        path.append(k)
+        if steps - k in jumps:
+            path += [k - jump, *range(k - jump + 1, k + 1)] * (resample - 1)
+    return path
+
+# ----------------------------------------------------------------------------------------------
+# the DDPM process: Ho et al.'s chain, read as the VP SDE
 
 
 class Diffusion(ScoreSDE):
-    """Gaussian diffusion with a fixed beta schedule (Ho et al.), with DDPM and DDIM samplers.
+    """Gaussian diffusion with a fixed beta schedule (Ho et al.), also read as the VP SDE.
 
     All coefficients are computed in float64 and stored as float32 buffers, so they follow
-    `.to(device)`. Timesteps are t = 0 .. T-1 for the paper's 1 .. T. `model` arguments are any
-    callable model(x_t, t) -> eps_hat with t a LongTensor [B]; put an nn.Module in eval mode
-    before sampling.
+    `.to(device)`. Timesteps are t = 0 .. T-1 for the paper's 1 .. T; the model is called with a
+    LongTensor t on the integer grids (SPACINGS) and with float t at fractional times.
     """
+    spacings = SPACINGS + ScoreSDE.spacings
+    default_spacing = "linspace"
 
     def __init__(self, betas):
         super().__init__()
@@ -598,21 +966,24 @@ class Diffusion(ScoreSDE):
         )
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
-        # the float64 source of every derived schedule (DDIM, DPM-Solver, respacing); stays on the CPU
+        # the float64 sources of every derived schedule (the samplers' grids, respacing); they stay on the CPU
         self.alphas_cumprod64 = alphas_cumprod
+        self.log_alphas_cumprod64 = alphas_cumprod.log()
+        self.log_alphas_cumprod_slope64 = _central_slopes(self.log_alphas_cumprod64)
 
     @property
     def T(self):
         return self.betas.shape[0]
 
+    def extra_repr(self):
+        return f"T={self.T}, alpha-bar_T={self.alphas_cumprod64[-1].item():.2e}"
+
     # -- forward process ----------------------------------------------------------------------
 
-    def q_sample(self, x0, t, noise=None):
-        """Sample q(x_t | x_0) = N(sqrt(a-bar_t) x_0, (1 - a-bar_t) I) (Ho et al. eq. 4)."""
-        _check_t(t, x0)
-        noise = torch.randn_like(x0) if noise is None else noise
-        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+    def _check_t(self, t, x):
+        if t.dtype not in (torch.long, torch.float32, torch.float64) or t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a LongTensor (or float timesteps) of shape [{x.shape[0]}], got {t.dtype} "
+                             f"{tuple(t.shape)}")
 
     def q_posterior(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7)."""
@@ -632,32 +1003,6 @@ class Diffusion(ScoreSDE):
         """n training timesteps t ~ U{0..T-1}."""
         return torch.randint(0, self.T, (n,), generator=generator, device=device or self.device)
 
-    def loss(self, model, x0, loss_type="l2", t=None, noise=None, prediction="eps", min_snr=None,
-             reduction="mean"):
-        """L_simple (Ho et al. eq. 14): E_{t, x0, eps} ||eps - eps_theta(x_t, t)||, t ~ U{0..T-1}.
-
-        loss_type: "l2" (the paper's), "l1", or "huber" (SmoothL1, as seed 003). prediction "v":
-        the model predicts v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022; sample with EpsFromV).
-        min_snr = gamma weights each sample by min(SNR_t, gamma) / SNR_t for eps and / (SNR_t + 1)
-        for v (Hang et al. 2023), SNR_t = a-bar_t / (1 - a-bar_t): both are min(SNR_t, gamma) times
-        the x_0 error. Returns a scalar, or the per-sample losses [B] for reduction="none".
-        """
-        if x0.ndim != 4:
-            raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
-        noise = torch.randn_like(x0) if noise is None else noise
-        alpha, sigma = self.marginal_at(t)
-        target = noise
-        if prediction == "v":
-            target = alpha.reshape(-1, 1, 1, 1) * noise - sigma.reshape(-1, 1, 1, 1) * x0
-        weight = None
-        if min_snr is not None:
-            snr = (alpha / sigma) ** 2
-            weight = snr.clamp(max=min_snr) / (snr if prediction == "eps" else snr + 1)
-        return eps_distance(model(self.q_sample(x0, t, noise), t), target, loss_type, weight, reduction)
-
     # -- the same process as the VP SDE (Song et al. eq. 11, appendix B), in timestep units ---------
 
     t_end = 0.0
@@ -673,11 +1018,14 @@ class Diffusion(ScoreSDE):
         difference slopes: exact at every integer and C^1, so beta(t) is continuous. (Linear
         interpolation makes beta jump at each of the T-1 integers; the adaptive ODE solver then stalls
         at an error near 1e-3 however small its tolerance: measured with the tests' Gaussian predictor.)
+        float64 t (on the CPU) reads the float64 tables.
         """
-        i = t.float().floor().clamp(0, self.T - 2)
+        wide = t.dtype == torch.float64
+        log_ab = self.log_alphas_cumprod64 if wide else self.log_alphas_cumprod
+        slopes = self.log_alphas_cumprod_slope64 if wide else self.log_alphas_cumprod_slope
+        i = (t if wide else t.float()).floor().clamp(0, self.T - 2)
         w, i = t - i, i.long()
-        p0, p1 = self.log_alphas_cumprod[i], self.log_alphas_cumprod[i + 1]
-        m0, m1 = self.log_alphas_cumprod_slope[i], self.log_alphas_cumprod_slope[i + 1]
+        p0, p1, m0, m1 = log_ab[i], log_ab[i + 1], slopes[i], slopes[i + 1]
         value = (2 * w ** 3 - 3 * w ** 2 + 1) * p0 + (w ** 3 - 2 * w ** 2 + w) * m0 \
             + (3 * w ** 2 - 2 * w ** 3) * p1 + (w ** 3 - w ** 2) * m1
         slope = (6 * w ** 2 - 6 * w) * (p0 - p1) + (3 * w ** 2 - 4 * w + 1) * m0 + (3 * w ** 2 - 2 * w) * m1
@@ -736,7 +1084,17 @@ class Diffusion(ScoreSDE):
         prior = per_image(normal_kl(a_T.sqrt() * x0, torch.log(1 - a_T), torch.zeros_like(x0), torch.zeros_like(x0)))
         return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
 
-    # -- samplers -----------------------------------------------------------------------------
+    # -- grids of timesteps -------------------------------------------------------------------------
+
+    def chain(self, start=None):
+        """Ho et al.'s chain: every timestep, T-1 (or start) down to 0."""
+        return self.time_grid(self.T, "linspace", start)
+
+    def _grid_times(self, steps, spacing):
+        """As ScoreSDE's, and the integer spacings of ddim_timesteps (SPACINGS) as a LongTensor."""
+        if (spacing or self.default_spacing) in SPACINGS:
+            return torch.tensor(self.ddim_timesteps(steps, spacing or self.default_spacing)).flip(0)
+        return super()._grid_times(steps, spacing)
 
     def respaced(self, timesteps):
         """The process on the kept `timesteps` (ascending) alone, improved-diffusion's respacing:
@@ -744,38 +1102,6 @@ class Diffusion(ScoreSDE):
         model is still called with the original timesteps."""
         a = self.alphas_cumprod64[timesteps]
         return Diffusion(1 - a / torch.cat([a.new_ones(1), a[:-1]])).to(self.betas.device)
-
-    @torch.inference_mode()
-    def ddpm_sample(self, model, shape=None, x_T=None, variance="beta", clip_x0=True, generator=None,
-                    return_trajectory=False, progress=None, steps=None, spacing="trailing"):
-        """Ancestral sampling, Ho et al. Algorithm 2: T model calls from x_T ~ N(0, I) to x_0.
-
-        x_{t-1} = mu + sigma_t z with mu the posterior mean of q(x_{t-1} | x_t, x0_hat) (which
-        equals eq. 11 when x0_hat is not clipped) and sigma_t^2 = beta_t ("beta") or beta-tilde_t
-        ("posterior"). clip_x0 clips x0_hat to [-1, 1] first. With `steps` < T the chain runs on the
-        respaced process over ddim_timesteps(steps, spacing). `generator` lives on the sampling
-        device. progress(i, n) is called after each step. Returns x_0, or (x_0, [x_T, ..., x_0]).
-        """
-        if variance not in ("beta", "posterior"):
-            raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-        x = self._start(shape, x_T, generator)
-        kept = list(range(self.T)) if steps is None else self.ddim_timesteps(steps, spacing)
-        d = self if len(kept) == self.T else self.respaced(kept)
-        sigmas = (d.betas if variance == "beta" else d.posterior_variance).sqrt()
-        t_model, t_own = torch.tensor(kept, device=x.device), torch.arange(d.T, device=x.device)
-        trajectory = [x]
-        for n, i in enumerate(reversed(range(d.T))):
-            x0 = d.predict_x0(x, t_own[i].expand(x.shape[0]), model(x, t_model[i].expand(x.shape[0])))
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-            x = d.posterior_mean_coef1[i] * x0 + d.posterior_mean_coef2[i] * x
-            if i > 0:  # no noise at the last step: x_0 is the mean
-                x = x + sigmas[i] * randn(x.shape, generator, x.device)
-            if return_trajectory:
-                trajectory.append(x)
-            if progress:
-                progress(n + 1, d.T)
-        return (x, trajectory) if return_trajectory else x
 
     def ddim_timesteps(self, steps, spacing="trailing"):
         """`steps` strictly increasing timesteps in 0..T-1 for the sub-sequence samplers.
@@ -805,146 +1131,14 @@ class Diffusion(ScoreSDE):
             raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         return ts.tolist()
 
-    @torch.inference_mode()
-    def ddim_sample(self, model, shape=None, x_T=None, steps=50, eta=0.0, clip_x0=True, generator=None,
-                    return_trajectory=False, progress=None, spacing="trailing"):
-        """DDIM sampling (Song et al. eq. 12) over ddim_timesteps(steps, spacing), reversed:
-
-        x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
-        sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev), with a_prev = 1 after the
-        last step. eta = 0 is deterministic; eta = 1 with steps = T is DDPM with beta-tilde.
-        With clip_x0, eps_hat is recomputed from the clipped x0_hat. Returns as ddpm_sample.
-        """
-        x = self._start(shape, x_T, generator)
-        ts = self.ddim_timesteps(steps, spacing)[::-1]
-        # every per-step coefficient is computed once here, in float64, before the loop
-        a = self.alphas_cumprod64[ts]
-        a_prev = torch.cat([a[1:], a.new_ones(1)])
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        c_x0, c_eps, sigma = _on(x.device, a_prev.sqrt(), (1 - a_prev - sigma ** 2).clamp(min=0).sqrt(), sigma)
-        t_all = torch.tensor(ts, device=x.device)
-        trajectory = [x]
-        for k in range(steps):
-            t = t_all[k].expand(x.shape[0])
-            eps = model(x, t)
-            x0 = self.predict_x0(x, t, eps)
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-                eps = (extract(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - x0) \
-                    / extract(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
-            x = c_x0[k] * x0 + c_eps[k] * eps
-            if eta > 0 and k < steps - 1:  # no noise at the last step (sigma is 0 there anyway)
-                x = x + sigma[k] * randn(x.shape, generator, x.device)
-            if return_trajectory:
-                trajectory.append(x)
-            if progress:
-                progress(k + 1, steps)
-        return (x, trajectory) if return_trajectory else x
-
-    def dpm_solver_coefficients(self, ts, order, eta=0.0):
-        """DPM-Solver++(order M) (Lu et al. 2022b) over descending timesteps ts, then to the clean
-        image (alpha = 1, sigma = 0), as x_{k+1} = c[k] x_k + sum_j w[k, j] x0_hat_{k-j} + s[k] z.
-
-        With alpha = sqrt(a-bar), sigma = sqrt(1 - a-bar), lambda = log(alpha / sigma), h = lambda_{k+1}
-        - lambda_k and phi_1 = expm1(-h): order 1 is x_{k+1} = sigma_{k+1} / sigma_k x_k - alpha_{k+1}
-        phi_1 D with D = x0_hat_k (DDIM); order 2 (Algorithm 2) takes D = (1 + 1/2r) m_0 - 1/2r m_1,
-        r = h_{k-1} / h; order 3 adds the second difference. The order drops to what the history
-        allows on the first steps and to 1 (2) on the last (second-to-last) step, where h = inf.
-
-        eta > 0 (orders 1 and 2) is SDE-DPM-Solver++ (Lu et al. 2022b, appendix) with its noise scaled
-        by eta: c = sigma_{k+1} / sigma_k e^(-eta h), phi_1 = expm1(-(1 + eta) h) and s = sigma_{k+1}
-        sqrt(-expm1(-2 eta h)), so x_{k+1} keeps the marginal's variance; eta = 1 at order 1 is DDIM
-        with eta = 1 (ancestral sampling).
-        """
-        if eta and order > 2:
-            raise ValueError(f"eta > 0 (SDE-DPM-Solver++) needs order 1 or 2, got order {order}")
-        a = self.alphas_cumprod64[ts]
-        alpha, sigma = a.sqrt(), (1 - a).sqrt()
-        alpha_next, sigma_next = torch.cat([alpha[1:], a.new_ones(1)]), torch.cat([sigma[1:], a.new_zeros(1)])
-        lam = torch.log(alpha / sigma)
-        h = torch.cat([lam[1:], a.new_full((1,), math.inf)]) - lam
-        m0, m1, m2 = torch.eye(3, dtype=torch.float64)  # x0_hat_k, x0_hat_{k-1}, x0_hat_{k-2} as weights
-        w = torch.zeros(len(ts), 3, dtype=torch.float64)
-        for k in range(len(ts)):
-            q, phi1 = min(order, k + 1, len(ts) - k), torch.expm1(-(1 + eta) * h[k])
-            if q == 1:
-                D = m0
-            elif q == 2:
-                r0 = (lam[k] - lam[k - 1]) / h[k]
-                D = (1 + 1 / (2 * r0)) * m0 - 1 / (2 * r0) * m1
-            else:  # the multistep third-order update: D_1 and D_2 approximate the first two derivatives
-                r0, r1 = (lam[k] - lam[k - 1]) / h[k], (lam[k - 1] - lam[k - 2]) / h[k]
-                d0, d1 = (m0 - m1) / r0, (m1 - m2) / r1
-                D1, D2 = d0 + r0 / (r0 + r1) * (d0 - d1), (d0 - d1) / (r0 + r1)
-                phi2 = phi1 / h[k] + 1
-                D = m0 - phi2 / phi1 * D1 + (phi2 / h[k] - 0.5) / phi1 * D2
-            w[k] = -alpha_next[k] * phi1 * D
-        if not eta:  # (0 * inf is nan on the last step)
-            return sigma_next / sigma, w, torch.zeros_like(h)
-        return sigma_next / sigma * torch.exp(-eta * h), w, sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
-
-    @torch.inference_mode()
-    def dpm_solver_sample(self, model, shape=None, x_T=None, steps=20, order=2, spacing="trailing", clip_x0=True,
-                          eta=0.0, generator=None, return_trajectory=False, progress=None):
-        """DPM-Solver++ multistep (Lu et al. 2022b) on the probability-flow ODE, in lambda = log(alpha /
-        sigma): one model call per step over ddim_timesteps(steps, spacing). order 1 is DDIM (eta = 0);
-        order 2 is DPM-Solver++(2M), order 3 is 3M. clip_x0 clips each x0_hat (thresholding).
-        Deterministic given x_T for eta = 0; eta = 1 is SDE-DPM-Solver++(2M) on the reverse SDE (see
-        dpm_solver_coefficients). Returns as ddpm_sample.
-        """
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order}")
-        x = self._start(shape, x_T, generator)
-        ts = self.ddim_timesteps(steps, spacing)[::-1]
-        c, w, s = _on(x.device, *self.dpm_solver_coefficients(ts, order, eta))
-        t_all, history, trajectory = torch.tensor(ts, device=x.device), [], [x]
-        for k in range(steps):
-            t = t_all[k].expand(x.shape[0])
-            x0 = self.predict_x0(x, t, model(x, t))
-            history = [x0.clamp(-1, 1) if clip_x0 else x0, *history[:order - 1]]
-            x = c[k] * x + sum(w[k, j] * m for j, m in enumerate(history))
-            if eta > 0 and k < steps - 1:  # no noise at the last step (s is 0 there)
-                x = x + s[k] * randn(x.shape, generator, x.device)
-            if return_trajectory:
-                trajectory.append(x)
-            if progress:
-                progress(k + 1, steps)
-        return (x, trajectory) if return_trajectory else x
-
-    @torch.inference_mode()
-    def ddim_invert(self, model, x0, steps=50, refine=2, progress=None, spacing="trailing"):
-        """DDIM inversion: the deterministic (eta = 0) DDIM step solved for x_t, run x_0 -> x_T.
-
-        The sampler's step from t_k to t_{k-1} is solved for its input,
-        x = sqrt(a / a_prev) (x_prev - sqrt(1 - a_prev) eps) + sqrt(1 - a) eps, first with eps taken
-        at (x_prev, t_{k-1}) (the classic inversion of Song et al.: refine=0), then `refine`
-        fixed-point iterations with eps at (x, t_k), the point the sampler will see. Each costs one
-        model call and shrinks the round-trip error of ddim_sample(..., clip_x0=False) about tenfold.
-        """
-        x = x0.to(self.betas.device, torch.float32)
-        ts = self.ddim_timesteps(steps, spacing)
-        a = self.alphas_cumprod64[ts]
-        a_prev = torch.cat([a.new_ones(1), a[:-1]])  # a-bar before each step; 1 for the clean image
-        c_prev, s_prev, s = _on(x.device, (a / a_prev).sqrt(), (1 - a_prev).sqrt(), (1 - a).sqrt())
-        t_all = torch.tensor(ts, device=x.device)
-        for k in range(steps):
-            x_prev = x
-            for j in range(refine + 1):
-                t = t_all[max(k - 1, 0) if j == 0 else k].expand(x.shape[0])
-                eps = model(x, t)
-                x = c_prev[k] * (x_prev - s_prev[k] * eps) + s[k] * eps
-            if progress:
-                progress(k + 1, steps)
-        return x
-
 # ----------------------------------------------------------------------------------------------
-# the variance-exploding SDE of seed 002
+# the variance-exploding SDE
 
 
 class VESDE(ScoreSDE):
-    """dx = sigma^t dw for t in [eps, 1] (Song et al. 2021, seed 002's process): x_t ~ N(x_0, sigma_t^2 I)
-    with sigma_t^2 = (sigma^(2t) - 1) / (2 ln sigma), prior N(0, sigma_1^2 I). model(x_t, t) takes t as
-    a float tensor [B] in (0, 1] and returns eps_hat = -sigma_t * score.
+    """dx = sigma^t dw for t in [eps, 1] (Song et al. 2021, the SMLD / NCSN process as an SDE): x_t ~ N(x_0,
+    sigma_t^2 I) with sigma_t^2 = (sigma^(2t) - 1) / (2 ln sigma), prior N(0, sigma_1^2 I). model(x_t, t) takes t
+    as a float tensor [B] in (0, 1] and returns eps_hat = -sigma_t * score.
     """
 
     def __init__(self, sigma=25.0, eps=1e-5):
@@ -954,31 +1148,59 @@ class VESDE(ScoreSDE):
         if not 0 < eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {eps}")
         self.sigma, self.eps = float(sigma), float(eps)
-        self.register_buffer("log_sigma", torch.tensor(math.log(sigma)), persistent=False)
+        self.register_buffer("log_sigma", torch.tensor(math.log(sigma)), persistent=False)  # marks the device
         self.t_start, self.t_end = 1.0, self.eps
         self.prior_std = math.sqrt((sigma ** 2 - 1) / (2 * math.log(sigma)))
 
+    def extra_repr(self):
+        return f"dx = {self.sigma:g}^t dw, t in [{self.eps:g}, 1], prior std {self.prior_std:.2f}"
+
     def marginal_std(self, t):
         """sigma_t = sqrt((sigma^(2t) - 1) / (2 ln sigma)), with expm1 for small t."""
-        return (torch.expm1(2 * t * self.log_sigma) / (2 * self.log_sigma)).sqrt()
+        log_sigma = math.log(self.sigma)
+        return (torch.expm1(2 * t * log_sigma) / (2 * log_sigma)).sqrt()
 
     def marginal(self, t):
         return torch.ones_like(t), self.marginal_std(t)
 
     def sde(self, t):
         """f = 0, g(t)^2 = sigma^(2t) = d sigma_t^2 / dt."""
-        return torch.zeros_like(t), torch.exp(2 * t * self.log_sigma)
+        return torch.zeros_like(t), torch.exp(2 * t * math.log(self.sigma))
 
     def train_t(self, n, generator=None, device=None):
         """n training times t ~ U(eps, 1)."""
         return self.eps + (1 - self.eps) * torch.rand(n, generator=generator, device=device or self.device)
 
-    def loss(self, model, x0, loss_type="l2", t=None, noise=None, reduction="mean"):
-        """Denoising score matching with lambda(t) = sigma_t^2 and t ~ U(eps, 1):
-        E ||sigma_t s_theta(x_t, t) + z||^2, which is the eps-loss ||eps_hat - z||^2 for eps_hat = -sigma_t s."""
-        if x0.ndim != 4:
-            raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
-        t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
-        noise = torch.randn_like(x0) if noise is None else noise
-        x_t = x0 + self.marginal_std(t).reshape(-1, 1, 1, 1) * noise
-        return eps_distance(model(x_t, t), noise, loss_type, reduction=reduction)
+# ----------------------------------------------------------------------------------------------
+# a run of train.py, loaded with torch alone
+
+
+def make_process(cfg):
+    """The process a run's configuration describes: Diffusion with its beta schedule, or VESDE."""
+    if cfg.get("process", "ddpm") == "ve":
+        return VESDE(cfg["sigma"])
+    return Diffusion(make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"], cfg["beta_end"]))
+
+
+def sampling_model(model, process, cfg):
+    """A run's network as the samplers take it, an eps model: EpsFromV around a v-prediction network."""
+    return EpsFromV(model, process) if cfg.get("prediction", "eps") == "v" else model
+
+
+def load(checkpoint, ema=True, device="cpu"):
+    """(model, process, config) from a checkpoint of train.py, a path or the dict torch.load gives, with
+    torch alone: the U-Net rebuilt from config["model"] with the EMA weights (or the raw ones), in eval
+    mode, as an eps model (EpsFromV around a v-prediction network), and its process on `device`:
+
+        model, process, cfg = ddpm.load("runs/x/ckpt.pt")
+        x = process.dpm_solver_sample(model, (16, cfg["model"]["in_channels"], 32, 32))
+
+    weights_only=True: loading never runs code from the file."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
+                                                                       weights_only=True)
+    cfg = ckpt["config"]
+    model = UNet(**cfg["model"])
+    model.load_state_dict(ckpt["ema"]["model"] if ema else ckpt["model"])
+    model = model.to(device).eval().requires_grad_(False)
+    process = make_process(cfg).to(device)
+    return sampling_model(model, process, cfg), process, cfg

@@ -17,32 +17,23 @@ the 1008-way logits without the fc bias. KID (Binkowski et al. 2018) and precisi
     python fid.py --kid real/ generated/                # FID, then KID (torch-fidelity's subsets)
     python fid.py --prc real/ generated/                # FID, then precision and recall (k = 3)
     torchrun --nproc_per_node 4 fid.py real/ generated/ # each process embeds a quarter of the images
-
-The Processes class (rank, share of the work, gathering to rank 0) is what train.py and sample.py
-use under torchrun as well.
 """
 import argparse
-import datetime
 import os
-import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from scipy import linalg
+
+from cli import (IMAGE_EXTENSIONS, UserError, atomic_write, decode_files, describe_skipped, list_images, read_image,
+                 run_command, to_uint8)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
-
-
-class FIDError(Exception):
-    """A problem with the user's input or weights, reported as one line by the command lines."""
 
 # ----------------------------------------------------------------------------------------------
 # the network: module and parameter names are those of pt_inception-2015-12-05-6726825d.pth
@@ -216,137 +207,13 @@ class FIDInceptionV3(nn.Module):
         return pool3, pool3 @ self.fc.weight.T
 
 
-def check_device(name):
-    """torch.device(name), or FIDError when it is not a device name or names a CUDA this machine lacks."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FIDError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FIDError(f"--device {name}: this machine has no CUDA device")
-    return device
-
-
-# ----------------------------------------------------------------------------------------------
-# processes: one (python fid.py), or many launched by torchrun (torch.distributed)
-
-DIST_TIMEOUT = datetime.timedelta(minutes=30)  # how long a rank waits for the others, e.g. while rank 0 saves
-
-
-class Stopped(Exception):
-    """SIGTERM: torchrun ends the other processes when one fails (or the job is cancelled)."""
-
-
-class Processes:
-    """This process's place in a torchrun launch (RANK, WORLD_SIZE and LOCAL_RANK in the environment),
-    or the one process of a plain `python` run: rank 0 of 1. start() joins the process group: gloo on
-    CPUs, nccl on GPUs, where rank r uses cuda:LOCAL_RANK."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.main = self.rank == 0
-
-    def start(self, device_name):
-        """The checked device of this process; joins the process group under torchrun."""
-        device = check_device(device_name)
-        if self.world > 1 and device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        if self.world > 1 and not dist.is_initialized():
-            signal.signal(signal.SIGTERM, self._terminated)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
-        self.device = device
-        return device
-
-    def _terminated(self, *_):
-        raise Stopped(f"rank {self.rank} stopped by torchrun: another process failed or the job was cancelled")
-
-    def close(self):
-        if self.world > 1:  # from here on a SIGTERM from torchrun just ends the process
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def lost_contact(self, error):
-        """The one-line reason when error is a collective failing because another process is gone
-        (gloo, nccl); None for any other error."""
-        text = str(error)
-        if self.world > 1 and (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
-            return f"lost contact with another process ({text.splitlines()[0][:150]})"
-        return None
-
-    def prefix(self, script):
-        """'script: ' or, under torchrun, 'script (rank r): ' for messages."""
-        return f"{script}{f' (rank {self.rank})' if self.world > 1 else ''}: "
-
-    def span(self, n, block=1):
-        """This rank's share [start, end) of n items dealt in whole blocks, contiguously by rank."""
-        blocks = -(-n // block)
-        lo, hi = blocks * self.rank // self.world, blocks * (self.rank + 1) // self.world
-        return min(lo * block, n), min(hi * block, n)
-
-    def gather(self, x):
-        """Rows of x [n_r, ...] from every rank, concatenated in rank order on rank 0 (None elsewhere)."""
-        if self.world == 1:
-            return x
-        local = x.to(self.device)
-        counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
-        dist.all_gather(counts, torch.tensor([len(x)], device=self.device))
-        counts = [int(c) for c in counts]
-        pad = local.new_zeros((max(counts), *x.shape[1:]))
-        pad[:len(x)] = local
-        parts = [torch.empty_like(pad) for _ in range(self.world)] if self.main else None
-        dist.gather(pad, parts, dst=0)
-        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device) if self.main else None
-
-    def agree(self, fn):
-        """Run fn on rank 0; its exception's text is raised on every rank as ErrorType(text)."""
-        if self.world == 1:
-            return fn()
-        error = [None]
-        if self.main:
-            try:
-                fn()
-            except Exception as e:  # passed on to every rank below
-                error = [(type(e), str(e))]
-        dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise error[0][0](error[0][1])
-
-    def any(self, flag):
-        """True on every rank when flag is true on any (a collective: every rank must call it)."""
-        if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def sum(self, t):
-        """t summed over the ranks, in place (a collective: every rank must call it)."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def min(self, t):
-        """The ranks' elementwise minimum of t, in place."""
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
 def weights_cache_path():
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
 
 
 def load_inception(weights=None, device="cpu"):
     """The FID Inception network in eval mode, from a local file or pytorch-fid's release
-    (downloaded once into the torch hub cache). Raises FIDError when neither can be read."""
+    (downloaded once into the torch hub cache). Raises UserError when neither can be read."""
     model = FIDInceptionV3()
     try:
         if weights is not None:
@@ -358,124 +225,9 @@ def load_inception(weights=None, device="cpu"):
     except Exception as e:  # network, file and format errors all end the same way for the user
         where = weights or f"{FID_WEIGHTS_URL} (cache: {weights_cache_path()})"
         hint = "" if weights else f"; download it by hand to {weights_cache_path()} or pass --weights PATH"
-        raise FIDError(f"cannot load the Inception weights from {where}: {str(e).splitlines()[0]}{hint}") from None
+        raise UserError(f"cannot load the Inception weights from {where}: {str(e).splitlines()[0]}{hint}") from None
     model = model.eval().requires_grad_(False).to(device)
     return model.to(memory_format=torch.channels_last)
-
-# ----------------------------------------------------------------------------------------------
-# images
-
-
-def atomic_write(path, write):
-    """write(tmp) to a temporary file beside path, then rename it over path: an interrupted or failed
-    write (a kill, a full disk) leaves the previous file whole and no temporary file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def image_format(path):
-    """Pillow's format name for path's extension; FIDError for one Pillow cannot write."""
-    ext = Path(path).suffix.lower()
-    fmt = Image.registered_extensions().get(ext)
-    if fmt is None or fmt not in Image.SAVE:
-        raise FIDError(f"{path}: cannot write images with the extension {ext or '(none)'!r}; use .png")
-    return fmt
-
-
-def save_image(array, path):
-    """A uint8 array [H, W] or [H, W, 3] as an image file, atomically, in the format of path's extension."""
-    fmt = image_format(path)
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
-
-
-def list_images(folder):
-    """Image files under folder, recursively, sorted; FIDError when there is no such folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FIDError(f"{folder}: no such folder")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def to_8bit(im):
-    """Pillow's 16-bit ("I;16*", or "I" holding values above 255) and float ("F", [0, 1]) grey images scaled
-    from their real range to 8 bits: convert() would clip them at 255, turning most of the image white."""
-    if not (im.mode.startswith("I") or im.mode == "F"):
-        return im
-    a = np.asarray(im, dtype=np.float64)
-    if im.mode == "F":
-        a = a * 255 if a.max(initial=0) <= 1 else a
-    elif im.mode != "I" or a.max(initial=0) > 255:
-        a = a / 257  # 65535 -> 255
-    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-
-
-TOO_LARGE = "too large"  # what a decoder returns for an image past Pillow's decompression-bomb limit
-
-
-def read_image(path, mode="RGB"):
-    """A file as a uint8 tensor [C, H, W] (mode "RGB" or "L"); None when it cannot be decoded, TOO_LARGE
-    when it has more pixels than Pillow will decode."""
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(to_8bit(im).convert(mode))
-    except Image.DecompressionBombError:
-        return TOO_LARGE
-    except Exception:
-        return None
-    return torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1).copy()).permute(2, 0, 1)
-
-
-def to_uint8(x):
-    """Images in [-1, 1] -> uint8 in [0, 255], rounded as when they are saved as PNG."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-class _Decoded(torch.utils.data.Dataset):
-    def __init__(self, files, decode):
-        self.files, self.decode = files, decode
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        return self.decode(self.files[i])
-
-
-def decode_files(files, decode=read_image, batch_size=50, num_workers=0, skipped=None):
-    """Yield lists of decode(file), decoded by num_workers processes. decode returns None for a file
-    it cannot read and TOO_LARGE for one too large to decode: both are left out and counted in the
-    dict skipped, by reason ("unreadable", "too large")."""
-    loader = torch.utils.data.DataLoader(_Decoded(files, decode), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=list)
-    for batch in loader:
-        good = [im for im in batch if im is not None and not isinstance(im, str)]
-        for im in batch:
-            if skipped is not None and (im is None or isinstance(im, str)):
-                reason = "unreadable" if im is None else im
-                skipped[reason] = skipped.get(reason, 0) + 1
-        if good:
-            yield good
-
-
-def describe_skipped(skipped):
-    """'2 unreadable, 1 too large (over Pillow's limit of N pixels)' from decode_files' counts."""
-    limit = f" (over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)" if TOO_LARGE in skipped else ""
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + limit
-
-
-def folder_batches(folder, batch_size=50, num_workers=0, skipped=None):
-    """Yield lists of uint8 [3, H, W] tensors from an image folder (see decode_files)."""
-    files = list_images(folder)
-    if not files:
-        raise FIDError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    yield from decode_files(files, read_image, batch_size, num_workers, skipped)
-
 
 def tensor_batches(x, batch_size=50):
     """Yield uint8 batches from generated images x [N, C, H, W] in [-1, 1]."""
@@ -508,14 +260,14 @@ def get_activations(batches, model, progress=None, isc_input=False):
         if progress:
             progress(n)
     if not feats:
-        raise FIDError("no images")
+        raise UserError("no images")
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
 def activation_statistics(feats):
     """Mean and covariance (float64) of features [N, D], as pytorch-fid's .npz mu and sigma."""
     if feats.shape[0] < 2:
-        raise FIDError(f"need at least 2 images for a covariance, got {feats.shape[0]}")
+        raise UserError(f"need at least 2 images for a covariance, got {feats.shape[0]}")
     feats = feats.astype(np.float64)
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
@@ -527,7 +279,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise FIDError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+        raise UserError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -545,7 +297,7 @@ def checked_fid(mu1, sigma1, mu2, sigma2):
     """frechet_distance, refusing statistics with NaN or inf (they would print as FID: nan) and
     rounding a tiny negative result (identical sets, -1e-9) up to 0."""
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise FIDError("the statistics hold NaN or inf values: no FID")
+        raise UserError("the statistics hold NaN or inf values: no FID")
     return max(frechet_distance(mu1, sigma1, mu2, sigma2), 0.0)
 
 
@@ -555,7 +307,7 @@ def inception_score(logits, splits=10, shuffle=True, seed=2020):
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     n = logits.shape[0]
     if n < splits:
-        raise FIDError(f"need at least {splits} images for {splits} splits, got {n}")
+        raise UserError(f"need at least {splits} images for {splits} splits, got {n}")
     if shuffle:
         logits = logits[np.random.RandomState(seed).permutation(n)]
     p, log_p = logits.softmax(1), logits.log_softmax(1)
@@ -575,10 +327,10 @@ def kernel_inception_distance(feats1, feats2, subsets=100, subset_size=1000, see
     torch-fidelity does. Returns (mean, std) over the subsets, in float64."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise FIDError(f"KID needs two feature sets [N, d] of one d, got {f1.shape} and {f2.shape}")
+        raise UserError(f"KID needs two feature sets [N, d] of one d, got {f1.shape} and {f2.shape}")
     m, d = min(subset_size, len(f1), len(f2)), f1.shape[1]
     if m < 2:
-        raise FIDError(f"KID needs at least 2 images in each set, got {len(f1)} and {len(f2)}")
+        raise UserError(f"KID needs at least 2 images in each set, got {len(f1)} and {len(f2)}")
     rng, mmd = np.random.RandomState(seed), np.empty(subsets)
     for i in range(subsets):
         x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
@@ -601,10 +353,10 @@ def precision_recall(real, fake, k=3, batch_size=10000):
     recall: the share of real points inside the fake manifold (distance <= radius). float64."""
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float64) for f in (real, fake))
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise FIDError(f"precision/recall needs two feature sets [N, d] of one d, got {tuple(real.shape)} and "
+        raise UserError(f"precision/recall needs two feature sets [N, d] of one d, got {tuple(real.shape)} and "
                        f"{tuple(fake.shape)}")
     if min(len(real), len(fake)) <= k:
-        raise FIDError(f"precision/recall with k = {k} needs more than {k} images in each set, "
+        raise UserError(f"precision/recall with k = {k} needs more than {k} images in each set, "
                        f"got {len(real)} and {len(fake)}")
 
     def covered(points, centres, r):
@@ -621,9 +373,9 @@ def load_stats(path):
         with np.load(path) as f:
             return f["mu"], f["sigma"]
     except KeyError:
-        raise FIDError(f"{path}: no 'mu' and 'sigma' arrays in this .npz") from None
+        raise UserError(f"{path}: no 'mu' and 'sigma' arrays in this .npz") from None
     except Exception as e:
-        raise FIDError(f"{path}: cannot read statistics ({e})") from None
+        raise UserError(f"{path}: cannot read statistics ({e})") from None
 
 
 def save_stats(path, mu, sigma):
@@ -639,7 +391,7 @@ def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False,
     procs (torchrun), each rank embeds its share of the files and rank 0 gets them all (others None)."""
     files = list_images(folder)
     if not files:
-        raise FIDError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if procs is not None:
         lo, hi = procs.span(len(files))
         files, quiet = files[lo:hi], quiet or not procs.main
@@ -649,7 +401,7 @@ def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False,
     batches = decode_files(files, read_image, batch_size, num_workers, skipped)
     try:
         feats, logits = get_activations(batches, model, show, isc_input)
-    except FIDError:  # no readable image in this share: the others may have some
+    except UserError:  # no readable image in this share: the others may have some
         feats, logits = np.zeros((0, 2048)), np.zeros((0, 1008))
     if procs is not None and procs.world > 1:
         feats, logits = (procs.gather(torch.from_numpy(a)) for a in (feats, logits))
@@ -657,7 +409,7 @@ def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False,
             return None, None
         feats, logits = feats.numpy(), logits.numpy()
     if len(feats) == 0:
-        raise FIDError(f"{folder}: no readable images")
+        raise UserError(f"{folder}: no readable images")
     if not quiet:
         print(("\r" if tty else "") + f"{folder}: {feats.shape[0]} images"
               + (f" ({describe_skipped(skipped)}, skipped)" if skipped else ""), file=sys.stderr)
@@ -670,7 +422,7 @@ def check_input(path, need):
         return load_stats(path)
     n = len(list_images(path))
     if n < need:
-        raise FIDError(f"{path}: {n} image{'s' * (n != 1)}, need at least {need}")
+        raise UserError(f"{path}: {n} image{'s' * (n != 1)}, need at least {need}")
     return None
 
 
@@ -684,7 +436,7 @@ def path_statistics(path, model, batch_size=50, num_workers=0):
 # command line
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", nargs="*", help="two image folders or .npz statistics files")
@@ -704,62 +456,60 @@ def main(argv=None):
     modes = (len(args.path) > 0) + (args.save_stats is not None) + (args.isc is not None)
     if modes != 1 or (args.path and len(args.path) != 2):
         p.error("give two paths, or --save-stats FOLDER OUT_NPZ, or --isc FOLDER")
+    return args
+
+
+def check_args(args):
+    """Numbers, output folder and the pairing of options with inputs, as one UserError line."""
+    if args.splits < 1 or args.batch_size < 1 or args.num_workers < 0:
+        raise UserError("--splits and --batch-size must be at least 1, --num-workers at least 0")
+    if args.save_stats and not Path(args.save_stats[1]).resolve().parent.is_dir():
+        raise UserError(f"--save-stats {args.save_stats[1]}: its folder does not exist")
+    if args.isc and args.isc.endswith(".npz"):
+        raise UserError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
+    for flag in ("kid", "prc"):
+        if getattr(args, flag) and (not args.path or any(x.endswith(".npz") for x in args.path)):
+            raise UserError(f"--{flag} needs two image folders: statistics files hold no features")
+    if args.prc and args.prc_k < 1:
+        raise UserError(f"--prc-k must be at least 1, got {args.prc_k}")
+    if args.kid and (args.kid_subsets < 1 or args.kid_subset_size < 2):
+        raise UserError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
+
+
+def run(args, procs):
+    """Under torchrun each rank embeds a share of the images; rank 0 reports."""
+    device = procs.start(args.device)
+    check_args(args)
     inputs = [args.isc] if args.isc else [args.save_stats[0]] if args.save_stats else args.path
-    procs = Processes()  # under torchrun each rank embeds a share of the images; rank 0 reports
-    try:
-        device = procs.start(args.device)
-        if args.splits < 1 or args.batch_size < 1 or args.num_workers < 0:
-            raise FIDError("--splits and --batch-size must be at least 1, --num-workers at least 0")
-        if args.save_stats and not Path(args.save_stats[1]).resolve().parent.is_dir():
-            raise FIDError(f"--save-stats {args.save_stats[1]}: its folder does not exist")
-        if args.isc and args.isc.endswith(".npz"):
-            raise FIDError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
-        for flag in ("kid", "prc"):
-            if getattr(args, flag) and (not args.path or any(x.endswith(".npz") for x in args.path)):
-                raise FIDError(f"--{flag} needs two image folders: statistics files hold no features")
-        if args.prc and args.prc_k < 1:
-            raise FIDError(f"--prc-k must be at least 1, got {args.prc_k}")
-        if args.kid and (args.kid_subsets < 1 or args.kid_subset_size < 2):
-            raise FIDError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
-        need = args.splits if args.isc else max(2, args.prc_k + 1 if args.prc else 2)
-        stats = [check_input(x, need) for x in inputs]
-        model = None if all(s is not None for s in stats) else load_inception(args.weights, device)
-        acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers,
-                                                              isc_input=bool(args.isc), procs=procs)
-                for x, s in zip(inputs, stats)]
-        if not procs.main:
-            return 0
-        if args.isc:
-            mean, std = inception_score(acts[0][1], args.splits)
-            print(f"IS: {mean:.4f} +- {std:.4f}")
-            return 0
-        stats = [s if s is not None else activation_statistics(a[0]) for s, a in zip(stats, acts)]
-        if args.save_stats:
-            save_stats(args.save_stats[1], *stats[0])
-            print(f"saved {args.save_stats[1]}", file=sys.stderr)
-        else:
-            print(f"FID: {checked_fid(*stats[0], *stats[1]):.4f}")
-            if args.kid:
-                mean, std = kernel_inception_distance(acts[0][0], acts[1][0], args.kid_subsets, args.kid_subset_size)
-                print(f"KID: {mean:.6f} +- {std:.6f}")
-            if args.prc:
-                precision, recall = precision_recall(acts[0][0], acts[1][0], args.prc_k)
-                print(f"precision: {precision:.4f}\nrecall: {recall:.4f}")
-    except (FIDError, ValueError, OSError, Stopped) as e:
-        print(f"{procs.prefix('fid.py')}error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        lost = procs.lost_contact(e)
-        if lost is None:
-            raise
-        print(f"{procs.prefix('fid.py')}error: {lost}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nfid.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        procs.close()
-    return 0
+    need = args.splits if args.isc else max(2, args.prc_k + 1 if args.prc else 2)
+    stats = [check_input(x, need) for x in inputs]
+    model = None if all(s is not None for s in stats) else load_inception(args.weights, device)
+    acts = [None if s is not None else folder_activations(x, model, args.batch_size, args.num_workers,
+                                                          isc_input=bool(args.isc), procs=procs)
+            for x, s in zip(inputs, stats)]
+    if not procs.main:
+        return
+    if args.isc:
+        mean, std = inception_score(acts[0][1], args.splits)
+        print(f"IS: {mean:.4f} +- {std:.4f}")
+        return
+    stats = [s if s is not None else activation_statistics(a[0]) for s, a in zip(stats, acts)]
+    if args.save_stats:
+        save_stats(args.save_stats[1], *stats[0])
+        print(f"saved {args.save_stats[1]}", file=sys.stderr)
+        return
+    print(f"FID: {checked_fid(*stats[0], *stats[1]):.4f}")
+    if args.kid:
+        mean, std = kernel_inception_distance(acts[0][0], acts[1][0], args.kid_subsets, args.kid_subset_size)
+        print(f"KID: {mean:.6f} +- {std:.6f}")
+    if args.prc:
+        precision, recall = precision_recall(acts[0][0], acts[1][0], args.prc_k)
+        print(f"precision: {precision:.4f}\nrecall: {recall:.4f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_command("fid.py", lambda procs: run(args, procs))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """sample.py: images from a checkpoint of train.py: DPM-Solver++ (Lu et al. 2022), DDIM (Song et al. 2020),
-DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021).
+DDPM (Ho et al. 2020), the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021);
+classifier-free guidance (Ho & Salimans 2022), inpainting (replacement; RePaint, Lugmayr et al. 2022) and
+SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
 
-    python sample.py runs/demo --n 64                              # 8x8 grid, SDE-DPM-Solver++(2M) -> samples.png
-    python sample.py runs/ve --sampler pc --steps 500              # a VE run: em, pc or ode
+    python sample.py runs/demo --n 64                              # SDE-DPM-Solver++(2M) -> runs/demo/samples.png
+    python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; one PNG per image in imgs/ too
+    python sample.py runs/mnist --class 3 --guidance 3             # a class-conditional run: threes
+    python sample.py runs/mnist --class all --n 2000 --out imgs/   # imgs/0/000000.png ... imgs/9/...
+    python sample.py runs/mnist --inpaint digits/ --mask lower-half --n 4 --out fills/
+    python sample.py runs/mnist --inpaint two.png --mask hole.png --sampler ddpm --steps 250 --resample 10
+    python sample.py runs/mnist --edit sketch.png --strength 0.2,0.4,0.6,0.8,1.0    # SDEdit
+    python sample.py runs/ve --sampler pc --steps 500              # predictor-corrector; em, ode too
     python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images (ODE)
     python sample.py runs/mnist --vlb 100                          # Ho et al.'s variational bound, bits/dim
     python sample.py runs/faces --n 64 --nearest 4                 # does it copy its training images?
-    python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; also one PNG per image
     python sample.py runs/demo --trajectory strip.png              # rows from x_T to x_0
     python sample.py runs/demo --forward photo.png                 # forward process q(x_t | x_0) of one image
     python sample.py runs/demo --interpolate                       # slerp between two noises, DDIM-decoded
@@ -14,11 +21,11 @@ DDPM (Ho et al. 2020), and the reverse SDE, predictor-corrector and probability-
     python sample.py runs/demo --n 1000 --fid real.npz             # FID of the samples against a folder/.npz
     torchrun --nproc_per_node 8 sample.py runs/cifar --num-samples 50000 --out imgs/ --fid cifar.npz
 
-Sample i starts from noise seeded by (--seed, i), so the images and file names are the same for any
-number of torchrun processes (each draws its share of whole batches; rank 0 writes the grid and the FID).
-
-The EMA weights are used unless --no-ema. Checkpoints load with weights_only=True, so a
-checkpoint file cannot run code.
+Sample i starts from noise seeded by (--seed, i) and has a label that is a function of (--seed, i), so the
+images and file names are the same for any number of torchrun processes (each draws its share of whole
+batches; rank 0 writes the grid and the FID). Pictures never replace a file this toolkit did not write.
+The EMA weights are used unless --no-ema. Checkpoints load with weights_only=True, so a checkpoint
+file cannot run code.
 """
 import argparse
 import math
@@ -27,9 +34,15 @@ from pathlib import Path
 
 import torch
 
+import cli
 import ddpm
 import fid
-import train
+from cli import UserError
+
+SPACINGS = ddpm.Diffusion.spacings  # every process's spacings are among these
+STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "em": 500, "pc": 500}  # --steps by sampler; ddpm: the whole chain
+REPAINT_STEPS = 250  # --resample without --steps: Lugmayr et al.'s 250 steps
+GRID_LIMIT, GRID_COLUMNS = 256, 16  # the grid shows the first samples; a class's row its first 16
 
 
 def slerp(a, b, w):
@@ -42,10 +55,9 @@ def slerp(a, b, w):
 
 def load_image(path, size, channels):
     """An image file fitted like the training data, as [1, C, size, size] in [-1, 1]."""
-    a = train.fit_file(path, size, "L" if channels == 1 else "RGB")
-    if a is None:
-        raise train.UserError(f"{path}: cannot read this image")
-    return torch.from_numpy(a.copy())[None].float() / 127.5 - 1
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such image file")
+    return cli.read_edit_images(path, size, channels)[0]
 
 
 def make_progress(label):
@@ -53,21 +65,54 @@ def make_progress(label):
         return None
     return lambda i, n: print(f"\r{label}: step {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
+# ----------------------------------------------------------------------------------------------
+# class labels and guidance
 
-DDPM_ONLY = ("ddpm", "ddim", "dpm++")
-STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "em": 500, "pc": 500}  # --steps by sampler; ddpm: all T
+
+def parse_classes(spec, classes):
+    """--class: 'all', or comma-separated class names or indices, as indices into classes."""
+    if spec == "all":
+        return list(range(len(classes)))
+    picked = []
+    for item in spec.split(","):
+        if item in classes:
+            picked.append(classes.index(item))
+        elif item.isdigit() and int(item) < len(classes):
+            picked.append(int(item))
+        else:
+            raise UserError(f"--class {item}: not a class of this run ({len(classes)} classes: "
+                            f"{', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})")
+    return picked
 
 
-def sample_batch(args, process, model, shape, x_T, generator, trajectory, progress):
-    """One batch from the sampler --sampler: (x, trajectory or None)."""
-    kw = dict(x_T=x_T, generator=generator, progress=progress)
+def labels_for(args, cfg, n):
+    """The label of each of n samples: --class's classes in equal blocks, in order; without --class, drawn
+    with the training data's class frequencies from --seed (so that --fid compares like with like)."""
+    if args.classes is None:
+        return cli.frequency_labels(cfg["class_counts"], n, args.seed)
+    return torch.tensor([args.classes[i * len(args.classes) // n] for i in range(n)])
+
+
+def guided(args, net, cfg, labels):
+    """The eps model of a batch: classifier-free guidance at --guidance for a class-conditional run."""
+    if labels is None:
+        return net
+    return ddpm.Guided(net, labels.to(next(net.parameters()).device), args.guidance, cfg["model"]["num_classes"])
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_batch(args, process, model, shape, x_T, generator, trajectory, progress, **loop):
+    """One batch from the sampler --sampler: (x, trajectory or None). loop: run_grid's hook and path."""
+    kw = dict(x_T=x_T, generator=generator, progress=progress, start=args.start)
     steps = args.steps or STEPS.get(args.sampler)
     spacing = {"spacing": args.spacing} if args.spacing else {}
     if args.sampler == "ode":
         x, nfe = process.ode_sample(model, shape, rtol=args.rtol, atol=args.atol, **kw)
         print(f"ode: {nfe} model calls", file=sys.stderr)
         return x, None
-    kw["return_trajectory"] = trajectory
+    kw.update(return_trajectory=trajectory, **loop)
     if args.sampler == "ddpm":
         out = process.ddpm_sample(model, shape, variance=args.variance, steps=steps, **spacing, **kw)
     elif args.sampler == "ddim":
@@ -80,33 +125,172 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
     return out if trajectory else (out, None)
 
 
-def generate(args, diffusion, model, shape, procs, each, x_T=None, trajectory=False):
-    """This rank's share of shape[0] samples, in whole batches of --batch-size: each(i, x) gets every
-    batch (x in [-1, 1], i its first sample's index) as it is made. Sample i's noise comes from
-    generators seeded by (--seed, i). Returns the trajectories [N, steps + 1, C, H, W] when asked."""
-    device = diffusion.device
-    n = shape[0] if x_T is None else x_T.shape[0]
+def generate(args, process, net, cfg, n, procs, each, x_T=None, trajectory=False, labels=None):
+    """This rank's share of n samples, in whole batches of --batch-size: each(i, x) gets every batch (x in
+    [-1, 1], i its first sample's index) as it is made. Sample i's noise comes from generators seeded by
+    (--seed, i), its label is labels[i]. Returns the trajectories [N, steps + 1, C, H, W] when asked."""
+    device, m = process.device, cfg["model"]
     lo, hi = procs.span(n, args.batch_size)
     trajs = []
     for i in range(lo, hi, args.batch_size):
         k = min(args.batch_size, hi - i)
         start = None if x_T is None else x_T[i:i + k].to(device)
-        label = f"batch {i // args.batch_size + 1}/{math.ceil(n / args.batch_size)}"
+        label = f"batch {i // args.batch_size + 1}/{math.ceil(n / args.batch_size)}" + args.doubled
         gens = ddpm.sample_generators(args.seed, range(i, i + k), device)
-        x, traj = sample_batch(args, diffusion, model, (k, *shape[1:]), start, gens, trajectory, make_progress(label))
+        model = guided(args, net, cfg, None if labels is None else labels[i:i + k])
+        x, traj = sample_batch(args, process, model, (k, m["in_channels"], m["image_size"], m["image_size"]),
+                               start, gens, trajectory, make_progress(label))
         each(i, x)
         if trajectory:
             trajs.append(torch.stack([t.cpu() for t in traj], 1))  # (k, steps + 1, C, H, W)
     return torch.cat(trajs) if trajectory else None
 
 
-def training_images(args, ckpt, n):
-    """n training images of the run (None: all), picked at random with --seed, as uint8 [n, C, H, W]."""
-    cfg = ckpt["config"]
+def class_rows(images, labels):
+    """One row per class present (the first GRID_COLUMNS classes), its first GRID_COLUMNS images, white where
+    a class has fewer: (grid images, row length)."""
+    present = sorted(set(labels.tolist()))[:GRID_COLUMNS]
+    cols = min(GRID_COLUMNS, max(int((labels == c).sum()) for c in present))
+    rows = []
+    for c in present:
+        mine = images[labels == c][:cols]
+        rows += [mine, torch.full((cols - len(mine), *images.shape[1:]), 255, dtype=torch.uint8)]
+    return torch.cat(rows), cols
+
+
+def sample_and_write(args, process, net, cfg, procs, inception, ref, nearest):
+    """The default mode: --n samples to the grid (one row per class for a class-conditional run), --out's PNGs
+    (in one folder per class), --trajectory, the memorisation check and the FID."""
+    m, device, x_T = cfg["model"], process.device, None
+    if args.interpolate:
+        g = torch.Generator(device).manual_seed(args.seed)
+        a, b = (torch.randn((1, m["in_channels"], m["image_size"], m["image_size"]), generator=g, device=device)
+                for _ in range(2))
+        x_T = slerp(a.expand(args.n, -1, -1, -1), b.expand(args.n, -1, -1, -1),
+                    torch.linspace(0, 1, args.n, device=device).reshape(-1, 1, 1, 1))
+        args.sampler, args.eta = "ddim", 0.0  # deterministic decoding: a smooth path
+    labels = labels_for(args, cfg, args.n) if cfg["class_cond"] else None
+    kept, shown = {"grid": [], "rows": [], "all": [], "feats": []}, {}
+
+    def each(i, x):  # a batch as it is made: its PNGs, its grid images, its FID features
+        images = cli.to_uint8(x).cpu()
+        for j, im in enumerate(images) if args.out else ():
+            folder = Path(args.out) / (cfg["classes"][labels[i + j]] if labels is not None else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            cli.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), folder / f"{i + j:06d}.png")
+        if labels is None:
+            kept["grid"].append(images[:max(GRID_LIMIT - i, 0)])
+        for j, c in enumerate(labels[i:i + len(images)].tolist() if labels is not None else ()):
+            if shown.setdefault(c, 0) < GRID_COLUMNS:  # each class's first images, for its row
+                shown[c] += 1
+                kept["grid"].append(images[j:j + 1])
+                kept["rows"].append(c)
+        if nearest:
+            kept["all"].append(x.cpu())
+        if inception is not None:
+            kept["feats"].append(torch.from_numpy(fid.get_activations(images.split(50), inception)[0]))
+
+    traj = generate(args, process, net, cfg, args.n, procs, each, x_T, bool(args.trajectory), labels)
+    grid = procs.gather(torch.cat(kept["grid"]))
+    rows = procs.gather(torch.tensor(kept["rows"], dtype=torch.long)) if labels is not None else None
+    feats = procs.gather(torch.cat(kept["feats"])) if inception is not None else None
+    if not procs.main:
+        return
+    nrow = args.n if args.interpolate else None
+    if labels is not None:
+        grid, nrow = class_rows(grid, rows)
+    cli.save_grid(grid, args.grid, nrow=nrow)
+    shown = f"the first {len(grid)} of {args.n} images" if len(grid) < args.n else f"{args.n} images"
+    print(f"wrote {args.grid} ({'one row per class' if labels is not None else shown})", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.n} PNGs to {args.out}" + (f" ({procs.world} processes)" if procs.world > 1 else ""),
+              file=sys.stderr)
+    if args.trajectory:
+        cols = torch.linspace(0, traj.shape[1] - 1, 10).round().long()
+        cli.save_grid(traj[:8, cols].flatten(0, 1), args.trajectory, nrow=10)  # (rows, 10, C, H, W)
+        print(f"wrote {args.trajectory}: columns from x_T (left) to x_0 (right)", file=sys.stderr)
+    if nearest:
+        memorisation_check(args, torch.cat(kept["all"]), *nearest)
+    if inception is not None:
+        ref = ref if ref is not None else fid.path_statistics(args.fid, inception)
+        print(f"FID: {fid.checked_fid(*fid.activation_statistics(feats.numpy()), *ref):.4f}")
+
+# ----------------------------------------------------------------------------------------------
+# editing: inpainting and SDEdit
+
+
+def edit_start(args, process):
+    """The time SDEdit starts from, t_0 = t_end + strength (t_start - t_end) (Meng et al. 2022), on the
+    sampler's grid: Diffusion's integer grids take the nearest timestep."""
+    t0 = process.t_end + args.strength_now * (process.t_start - process.t_end)
+    return round(t0) if "linspace" in process.spacings and args.spacing not in ("time", "lambda") else t0
+
+
+def edit_batch(args, process, net, cfg, x0, keep, gens, labels):
+    """Inpainting (keep: the known pixels) or SDEdit of a batch x0 with the sampler, --n results each."""
+    model = guided(args, net, cfg, labels)
+    if keep is not None:
+        path = ddpm.repaint_path(args.steps, args.jump, args.resample) if args.resample else None
+        loop = dict(hook=ddpm.Replace(x0, keep, gens), **({"path": path} if path else {}))
+        return sample_batch(args, process, model, x0.shape, None, gens, False, None, **loop)[0]
+    if args.strength_now == 0:
+        return x0.clone()
+    if args.strength_now == 1:  # the image forgotten: plain sampling from the prior
+        return sample_batch(args, process, model, x0.shape, None, gens, False, None)[0]
+    t0 = torch.full((len(x0),), edit_start(args, process), device=x0.device)
+    if args.edit_by == "inversion":  # DDIM-invert to t_0, then decode deterministically
+        steps, args.sampler, args.eta = args.steps or STEPS["ddim"], "ddim", 0.0
+        x_t = process.ddim_invert(model, x0, steps=steps, spacing=args.spacing, start=t0[0].item())
+    else:
+        x_t = process.q_sample(x0, t0 if t0.is_floating_point() else t0.long(), ddpm.randn(x0.shape, gens, x0.device))
+    return sample_batch(args, process, model, x0.shape, x_t, gens, False, None)[0]
+
+
+def edit(args, process, net, cfg):
+    """--inpaint or --edit: --n results for each input image, written as OUT/<input's name>_<k>.png (for each
+    --strength, _s<strength>_<k>), and a grid of rows: the input, the masked input, the results."""
+    m, device = cfg["model"], process.device
+    source = args.inpaint or args.edit
+    x0, names, sizes = cli.read_edit_images(source, m["image_size"], m["in_channels"])
+    keep = ~cli.read_masks(args.mask, source, names, sizes, m["image_size"]) if args.inpaint else None
+    strengths = [None] if args.inpaint else args.strength
+    labels = None if args.classes is None else torch.tensor(args.classes * len(x0))[:len(x0)]
+    rows = []
+    for i, (image, name) in enumerate(zip(x0, names)):
+        x = image[None].expand(args.n, -1, -1, -1).to(device)
+        kept = None if keep is None else keep[i:i + 1].to(device)
+        row = [image[None]] + ([image[None] * kept.cpu()] if kept is not None else [])
+        for s in strengths:
+            args.strength_now, args.start = s, (None if s is None else edit_start(args, process))
+            gens = ddpm.sample_generators(args.seed, range(i * args.n, (i + 1) * args.n), device)
+            y = None if labels is None else labels[i:i + 1].expand(args.n)
+            out = edit_batch(args, process, net, cfg, x, kept, gens, y).cpu()
+            row.append(out)
+            tag = "" if s is None else f"_s{s:g}"
+            for k, im in enumerate(cli.to_uint8(out)) if args.out else ():
+                target = Path(args.out) / f"{name}{tag}_{k}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                cli.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), target)
+        rows.append(torch.cat(row))
+        print(f"{'inpainted' if args.inpaint else 'edited'} {i + 1}/{len(x0)}: {name}", file=sys.stderr)
+    nrow = 1 + (keep is not None) + args.n * len(strengths)
+    cli.save_grid(torch.cat(rows[:GRID_COLUMNS]), args.grid, nrow=nrow)
+    what = "the masked input and the results" if args.inpaint else f"the results at strength {args.strength}"
+    print(f"wrote {args.grid}: each row the input, {what}"
+          + (f"; {len(x0) * args.n * len(strengths)} PNGs to {args.out}" if args.out else ""), file=sys.stderr)
+
+# ----------------------------------------------------------------------------------------------
+# likelihoods and memorisation
+
+
+def training_images(args, cfg, n):
+    """n training images of the run (None: all), picked at random with --seed: (uint8 [n, C, H, W], their
+    labels or None)."""
     size, channels = cfg["model"]["image_size"], cfg["model"]["in_channels"]
-    data = (train.load_folder(cfg["data"], size, channels) if cfg["data"]
-            else train.demo_shapes(size=size, channels=channels, seed=cfg["seed"]))
-    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n]]
+    data = (cli.load_images(cfg["data"], size, channels, labelled=cfg["class_cond"]) if cfg["data"]
+            else cli.demo_images(size=size, channels=channels, seed=cfg["seed"]))
+    pick = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(args.seed))[:n]
+    return data.images[pick], data.labels[pick] if cfg["class_cond"] else None
 
 
 def mean_and_error(name, values, unit="bits/dim"):
@@ -116,26 +300,29 @@ def mean_and_error(name, values, unit="bits/dim"):
     return f"{name}: {values.mean().item():.4f} +- {se:.4f} {unit}"
 
 
-def negative_log_likelihood(args, ckpt, process, model):
+def negative_log_likelihood(args, cfg, process, net):
     """Bits/dim of --nll training images on the 8-bit scale: uniform dequantisation x = (k + u) / 128 - 1
-    of the pixel values k, so -log2 p(k + u) = -log2 p(x) + 7 D (the density of [0, 256) vs [-1, 1))."""
+    of the pixel values k, so -log2 p(k + u) = -log2 p(x) + 7 D (the density of [0, 256) vs [-1, 1)).
+    A class-conditional run gives log p(x | its label) under --guidance."""
     device = process.device
-    images, g, bpd = training_images(args, ckpt, args.nll), torch.Generator(device).manual_seed(args.seed), []
+    (images, labels), g, bpd = training_images(args, cfg, args.nll), torch.Generator(device).manual_seed(args.seed), []
     for i in range(0, len(images), args.batch_size):
         k = images[i:i + args.batch_size].to(device).float()
         u = torch.rand(k.shape, generator=g, device=device)
+        model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size])
         bpd.append(process.bits_per_dim(model, (k + u) / 128 - 1, rtol=args.rtol, atol=args.atol,
                                         hutchinson=args.hutchinson, generator=g).cpu() + 7)
         print(f"nll: {min(i + args.batch_size, len(images))}/{len(images)} images", file=sys.stderr)
     print(mean_and_error("bits/dim", torch.cat(bpd), f"(standard error, {len(images)} images, 8-bit scale)"))
 
 
-def variational_bound(args, ckpt, process, model):
+def variational_bound(args, cfg, process, net):
     """Ho et al.'s bound on the discrete NLL (eq. 5) of --vlb training images, in bits/dim, with its terms."""
     device = process.device
-    images, g, terms = training_images(args, ckpt, args.vlb), torch.Generator(device).manual_seed(args.seed), []
+    (images, labels), g, terms = training_images(args, cfg, args.vlb), torch.Generator(device).manual_seed(args.seed), []
     for i in range(0, len(images), args.batch_size):
         x0 = images[i:i + args.batch_size].to(device).float() / 127.5 - 1
+        model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size])
         terms.append(process.vlb_bits_per_dim(model, x0, variance=args.variance, generator=g,
                                               progress=make_progress(f"vlb {i + 1}-{i + len(x0)}")))
     values = {k: torch.cat([t[k].cpu() for t in terms]) for k in ("total", "prior", "kl", "decoder")}
@@ -159,15 +346,18 @@ def nearest_training_images(samples, images, k, inception=None, batch_size=1000)
 def memorisation_check(args, x, images, inception):
     """--nearest: a picture of each sample beside its K nearest training images, and the share of samples
     closer to a training image than the training set's median nearest-neighbour distance."""
-    samples = fid.to_uint8(x)
+    samples = cli.to_uint8(x)
     order, nearest, median = nearest_training_images(samples, images, args.nearest, inception)
     rows = torch.cat([torch.cat([s[None], images[i]]) for s, i in zip(samples, order)])
-    train.save_grid(rows, args.nearest_grid, nrow=args.nearest + 1)
+    cli.save_grid(rows, args.nearest_grid, nrow=args.nearest + 1)
     close = (nearest < median).double().mean().item()
     space = "Inception features" if inception is not None else "pixels (no Inception weights: --fid-weights)"
     print(f"wrote {args.nearest_grid}: each sample, then its {args.nearest} nearest training images", file=sys.stderr)
     print(f"nearest: {close:.1%} of {len(samples)} samples are closer to a training image than the median training "
           f"image is to its nearest neighbour ({median:.4g}, in {space})")
+
+# ----------------------------------------------------------------------------------------------
+# the command line
 
 
 def parse_args(argv=None):
@@ -175,23 +365,40 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("run", metavar="RUN_OR_CKPT", help="a run folder of train.py or its ckpt.pt")
-    a("--num-samples", "--n", dest="n", type=int, default=64, help="number of samples (--n: not under torchrun)")
-    a("--sampler", default=None, choices=("ddpm", "ddim", "dpm++", "em", "pc", "ode"),
-      help="None: dpm++ for DDPM runs, ode for VE runs. em/pc/ode solve the reverse SDE / probability-flow ODE")
-    a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 20, em/pc 500, ddpm all T (fewer: respaced)")
-    a("--spacing", choices=ddpm.SPACINGS, help="timestep spacing of ddpm/ddim/dpm++; None: the sampler's default")
+    a("--num-samples", "--n", dest="n", type=int, default=64, help="samples (--inpaint, --edit: results per image; "
+                                                                   "--n: not under torchrun)")
+    a("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++", "em", "pc", "ode"),
+      help="em/pc/ode solve the reverse SDE / probability-flow ODE")
+    a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 20, em/pc 500, ddpm the whole chain (fewer: "
+                                "respaced; with --resample 250)")
+    a("--spacing", choices=SPACINGS, help="time grid of ddpm/ddim/dpm++ (Diffusion: all; VE: time, lambda); "
+                                          "None: the process's default")
     a("--order", type=int, default=2, choices=(1, 2, 3), help="dpm++: DPM-Solver++ order (2M, 3M)")
     a("--corrector-steps", type=int, help="em/pc: Langevin corrector steps per step; None: 0 for em, 1 for pc")
     a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
     a("--eta", type=float, help="ddim, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: SDE-DPM-Solver++); "
-                              "None: 1 for dpm++ at orders 1-2 (the best images, README), else 0")
+                              "None: 1 for dpm++ at orders 1-2 (docs/samplers.md), else 0")
     a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
+    a("--class", dest="class_", metavar="CLASSES", help="class-conditional runs: 'all', or names or indices "
+                                                       "such as 3 or 3,5,7; None: the data's class frequencies")
+    a("--guidance", type=float, help="class-conditional runs: classifier-free guidance scale s (1: the conditional "
+                                     "model, 0: the unconditional one); None: the run's --sample-guidance")
+    a("--inpaint", metavar="IMAGES", help="an image or a folder of images to fill in where --mask is white")
+    a("--mask", help=f"--inpaint: a mask image, a folder of masks named as the images, or {', '.join(cli.MASKS)}")
+    a("--resample", type=int, metavar="R", help="--inpaint with --sampler ddpm: RePaint, R passes over each jump")
+    a("--jump", type=int, default=10, help="--resample: RePaint's jump length")
+    a("--edit", metavar="IMAGES", help="SDEdit: an image or a folder, noised to --strength and sampled back")
+    a("--strength", default="0.5", help="--edit: t_0 as a share of the noise end (0: the input, 1: pure noise); "
+                                        "comma-separated for a sweep")
+    a("--edit-by", default="noise", choices=("noise", "inversion"), help="--edit: a draw of q(x_t0 | x0), or DDIM "
+                                                                        "inversion to t_0 (deterministic)")
     a("--seed", type=int, default=0)
     a("--batch-size", type=int, default=128)
-    a("--grid", default="samples.png", help="the output picture")
-    a("--out", metavar="FOLDER", help="also write one PNG per sample here")
+    a("--grid", help="the output picture; None: MODE.png (samples, inpaint, edit, forward, interpolate, invert) in "
+                     "--out, else in the run's folder")
+    a("--out", metavar="FOLDER", help="also write one PNG per image here (a new or empty folder, or one of ours)")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--channels-last", action="store_true", help="channels_last memory format (faster for some models)")
@@ -206,145 +413,161 @@ def parse_args(argv=None):
     a("--hutchinson", type=int, default=1, help="--nll: Gaussian probes of the divergence (0: exact, slow)")
     a("--vlb", type=int, metavar="N", help="DDPM runs: Ho et al.'s variational bound (bits/dim) of N training images")
     a("--nearest", type=int, metavar="K", help="memorisation check: each sample beside its K nearest training images")
-    a("--nearest-grid", default="nearest.png", help="the picture of --nearest")
+    a("--nearest-grid", help="the picture of --nearest; None: nearest.png beside --grid")
     return p.parse_args(argv)
 
 
-def check_args(args, is_ve):
-    """Bad numbers, picture names and options that do not apply to the run's process, as one line."""
+MODES = ("inpaint", "edit", "forward", "interpolate", "invert")
+
+
+def check_outputs(args):
+    """Where the pictures go (--grid and --nearest-grid default to the --out folder, else the run's), and
+    that nothing of the user's is written over: one line, before any sampling."""
+    mode = next((m for m in MODES if getattr(args, m)), "samples")
+    run = Path(args.run)
+    home = Path(args.out) if args.out else run if run.is_dir() else run.parent
+    args.grid = args.grid or str(home / f"{mode}.png")
+    args.nearest_grid = args.nearest_grid or str(Path(args.grid).with_name("nearest.png"))
+    if args.out:
+        cli.check_output_folder(args.out)
     for picture in (args.grid, args.trajectory, args.nearest_grid if args.nearest else None):
         if picture:
-            fid.image_format(picture)  # before any sampling
-    args.sampler = args.sampler or ("ode" if is_ve else "dpm++")
-    if args.eta is None:
-        args.eta = 1.0 if args.sampler == "dpm++" and args.order <= 2 else 0.0
+            cli.check_new_picture(picture)
+
+
+def check_numbers(args):
+    """Every number option, as one line."""
     for name, ok, rule in (("eta", lambda v: v >= 0, "a number >= 0"), ("mix", lambda v: True, "a number"),
                            ("snr", lambda v: v > 0, "a number > 0"), ("rtol", lambda v: v > 0, "a number > 0"),
-                           ("atol", lambda v: v > 0, "a number > 0")):
+                           ("atol", lambda v: v > 0, "a number > 0"), ("guidance", lambda v: v >= 0, "a number >= 0")):
         value = getattr(args, name)
-        if not (math.isfinite(value) and ok(value)):
-            raise train.UserError(f"--{name} must be {rule}, got {value}")
-    for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps"):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name} must be {rule}, got {value}")
+    for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps", "resample", "jump"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
         if value is not None and value < least:
             flag = "num-samples" if name == "n" else name.replace("_", "-")
-            raise train.UserError(f"--{flag} must be at least {least}, got {value}")
-    if is_ve and (args.sampler in DDPM_ONLY or args.forward or args.invert or args.vlb):
-        what = ("--forward" if args.forward else "--invert" if args.invert else "--vlb" if args.vlb
-                else f"--sampler {args.sampler}")
-        raise train.UserError(f"{what} needs a DDPM checkpoint; {args.run} is a VE run: use --sampler em, pc or ode")
+            raise UserError(f"--{flag} must be at least {least}, got {value}")
+    try:
+        args.strength = [float(s) for s in args.strength.split(",")]
+    except ValueError:
+        raise UserError(f"--strength takes numbers in [0, 1], got {args.strength}") from None
+    if not all(0 <= s <= 1 for s in args.strength):  # nan fails too
+        raise UserError(f"--strength takes numbers in [0, 1], got {','.join(map(str, args.strength))}")
+
+
+def check_classes(args, cfg):
+    """--class and --guidance against the run: class-conditional or not."""
+    args.classes, args.doubled = None, ""
+    if not cfg["class_cond"]:
+        if args.class_ is not None or args.guidance is not None:
+            raise UserError(f"--{'class' if args.class_ is not None else 'guidance'}: {args.run} is not "
+                            "class-conditional (train it with --class-cond)")
+        return
+    args.classes = None if args.class_ is None else parse_classes(args.class_, cfg["classes"])
+    args.guidance = cfg["sample_guidance"] if args.guidance is None else args.guidance
+    if args.guidance not in (0, 1):
+        args.doubled = " (guidance: batch doubled)"
+
+
+def check_modes(args, process):
+    """Options that go together, and options that the run's process cannot answer."""
+    if sum(bool(getattr(args, m)) for m in MODES) > 1:
+        raise UserError(f"--{', --'.join(m for m in MODES if getattr(args, m))}: one at a time")
+    if args.mask and not args.inpaint or args.inpaint and not args.mask:
+        raise UserError("--mask goes with --inpaint" if args.mask else "--inpaint needs --mask (white: fill in)")
+    if args.inpaint and args.sampler == "ode":
+        raise UserError("--inpaint needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
+    if args.resample and (not args.inpaint or args.sampler != "ddpm"):
+        raise UserError("--resample (RePaint) resamples the ancestral sampler: --inpaint with --sampler ddpm")
+    if args.resample:
+        args.steps = args.steps or REPAINT_STEPS
+    if args.vlb and not hasattr(process, "vlb_bits_per_dim"):
+        raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a VE run: use --nll")
+    if args.spacing and args.spacing not in process.spacings:
+        raise UserError(f"--spacing {args.spacing}: a {type(process).__name__} run has {', '.join(process.spacings)}")
     if args.sampler == "dpm++" and args.eta > 0 and args.order > 2:
-        raise train.UserError("--eta > 0 with --sampler dpm++ (SDE-DPM-Solver++) needs --order 1 or 2")
+        raise UserError("--eta > 0 with --sampler dpm++ (SDE-DPM-Solver++) needs --order 1 or 2")
     if args.trajectory and args.sampler == "ode":
-        raise train.UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
+        raise UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
+    if args.invert and args.classes is not None and len(args.classes) != 1:
+        raise UserError("--invert with --class takes one class, for both images")
 
 
-SINGLE_PROCESS = ("nll", "vlb", "forward", "invert", "interpolate", "trajectory", "nearest")
-GRID_LIMIT = 256  # the grid shows the first samples, at most this many
+def check_args(args, process, cfg):
+    """Bad numbers, picture names, labels and options that do not apply to the run, as one line."""
+    check_outputs(args)
+    check_numbers(args)
+    if args.eta is None:
+        args.eta = 1.0 if args.sampler == "dpm++" and args.order <= 2 else 0.0
+    check_classes(args, cfg)
+    check_modes(args, process)
+    args.start = None
+
+
+SINGLE_PROCESS = ("nll", "vlb", "forward", "invert", "interpolate", "trajectory", "nearest", "inpaint", "edit")
 
 
 def run(args, procs):
     device = procs.start(args.device)
     single = [name for name in SINGLE_PROCESS if getattr(args, name)]
     if single and procs.world > 1:
-        raise train.UserError(f"--{single[0]} runs in one process: start it with python, not torchrun")
-    ckpt, model, ema, diffusion = train.load_checkpoint(args.run, device)
-    net = train.sampling_model(ckpt["config"], (model if args.no_ema else ema.model).eval(), diffusion)
+        raise UserError(f"--{single[0]} runs in one process: start it with python, not torchrun")
+    ckpt, net, process = cli.load_run(args.run, device, ema=not args.no_ema)
+    cfg = {"class_cond": False} | ckpt["config"]
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    cfg = ckpt["config"]["model"]
-    c, s = cfg["in_channels"], cfg["image_size"]
-    is_ve = isinstance(diffusion, ddpm.VESDE)
-    check_args(args, is_ve)
+    check_args(args, process, cfg)
     if procs.main:
         print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
               f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
-    if args.nll:
-        negative_log_likelihood(args, ckpt, diffusion, net)
+    if args.nll or args.vlb:
+        (negative_log_likelihood if args.nll else variational_bound)(args, cfg, process, net)
         return
-    if args.vlb:
-        variational_bound(args, ckpt, diffusion, net)
-        return
-    if args.fid:  # check the reference and the weights before spending time on sampling
-        ref = fid.check_input(args.fid, 2)
-        inception = fid.load_inception(args.fid_weights, device)
+    inception, ref, nearest = None, None, None
+    if args.fid:  # the reference and the weights are checked before any time is spent on sampling
+        ref, inception = fid.check_input(args.fid, 2), fid.load_inception(args.fid_weights, device)
     if args.nearest:  # the training images and the features' network, before sampling
-        images = training_images(args, ckpt, None)
+        images = training_images(args, cfg, None)[0]
         if args.nearest >= len(images):
-            raise train.UserError(f"--nearest {args.nearest}: the run has {len(images)} training images")
+            raise UserError(f"--nearest {args.nearest}: the run has {len(images)} training images")
         with_weights = args.fid_weights or Path(fid.weights_cache_path()).is_file()
-        nearest_net = fid.load_inception(args.fid_weights, device) if with_weights else None
+        nearest = images, fid.load_inception(args.fid_weights, device) if with_weights else None
     if args.forward:
-        forward_process(args, diffusion, s, c)
-        return
-    if args.invert:
-        invert_and_mix(args, diffusion, net, s, c)
-        return
-
-    x_T = None
-    if args.interpolate:
-        g = torch.Generator(device).manual_seed(args.seed)
-        a, b = (torch.randn((1, c, s, s), generator=g, device=device) for _ in range(2))
-        x_T = slerp(a.expand(args.n, -1, -1, -1), b.expand(args.n, -1, -1, -1),
-                    torch.linspace(0, 1, args.n, device=device).reshape(-1, 1, 1, 1))
-        args.sampler, args.eta = ("ode" if is_ve else "ddim"), 0.0  # deterministic decoding: a smooth path
-    kept = {"grid": [torch.zeros((0, c, s, s), dtype=torch.uint8)], "all": [], "feats": []}
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-
-    def each(i, x):  # a batch as it is made: its PNGs, its grid images, its FID features
-        images = fid.to_uint8(x).cpu()
-        for j, im in enumerate(images) if args.out else ():
-            fid.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), Path(args.out) / f"{i + j:06d}.png")
-        kept["grid"].append(images[:max(GRID_LIMIT - i, 0)])
-        if args.nearest:
-            kept["all"].append(x.cpu())
-        if args.fid:
-            kept["feats"].append(torch.from_numpy(fid.get_activations(images.split(50), inception)[0]))
-
-    traj = generate(args, diffusion, net, (args.n, c, s, s), procs, each, x_T, trajectory=bool(args.trajectory))
-    grid = procs.gather(torch.cat(kept["grid"]))
-    feats = procs.gather(torch.cat(kept["feats"])) if args.fid else None
-    if not procs.main:
-        return
-    train.save_grid(grid, args.grid, nrow=args.n if args.interpolate else None)
-    shown = f"the first {len(grid)} of {args.n} images" if len(grid) < args.n else f"{args.n} images"
-    print(f"wrote {args.grid} ({shown})", file=sys.stderr)
-    if args.out:
-        print(f"wrote {args.n} PNGs to {args.out}" + (f" ({procs.world} processes)" if procs.world > 1 else ""),
-              file=sys.stderr)
-    if args.trajectory:
-        cols = torch.linspace(0, traj.shape[1] - 1, 10).round().long()
-        rows = traj[:8, cols]  # (rows, 10, C, H, W)
-        train.save_grid(rows.flatten(0, 1), args.trajectory, nrow=10)
-        print(f"wrote {args.trajectory}: columns from x_T (left) to x_0 (right)", file=sys.stderr)
-    if args.nearest:
-        memorisation_check(args, torch.cat(kept["all"]), images, nearest_net)
-    if args.fid:
-        ref = ref if ref is not None else fid.path_statistics(args.fid, inception)
-        print(f"FID: {fid.checked_fid(*fid.activation_statistics(feats.numpy()), *ref):.4f}")
+        forward_process(args, process, cfg)
+    elif args.invert:
+        invert_and_mix(args, process, net, cfg)
+    elif args.inpaint or args.edit:
+        edit(args, process, net, cfg)
+    else:
+        sample_and_write(args, process, net, cfg, procs, inception, ref, nearest)
 
 
-def forward_process(args, diffusion, s, c):
-    """--forward: q(x_t | x_0) at t = 0, T/9, ..., T-1 with one shared noise."""
-    device = diffusion.device
-    x0 = load_image(args.forward, s, c).to(device)
-    ts = torch.linspace(0, diffusion.T - 1, 10).round().long().to(device)
+def forward_process(args, process, cfg):
+    """--forward: q(x_t | x_0) at 10 times evenly spaced from the data end to the noise end, one shared noise,
+    each divided by its std for x_0 = 0 and 1, sqrt(alpha_t^2 + sigma_t^2) (1 for Diffusion) to be shown."""
+    device, m = process.device, cfg["model"]
+    x0 = load_image(args.forward, m["image_size"], m["in_channels"]).to(device)
+    ts = process.time_grid(10, "linspace" if "linspace" in process.spacings else "time").flip(0)
     noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-    row = diffusion.q_sample(x0.expand(10, -1, -1, -1), ts, noise.expand(10, -1, -1, -1))
-    train.save_grid(torch.cat([x0, row]), args.grid, nrow=11)
-    print(f"wrote {args.grid}: the image, then x_t at t = {ts.tolist()}", file=sys.stderr)
+    row = process.q_sample(x0.expand(10, -1, -1, -1), ts.to(device), noise.expand(10, -1, -1, -1))
+    alpha, sigma = process.marginal_at(ts.to(device))
+    cli.save_grid(torch.cat([x0, row / (alpha ** 2 + sigma ** 2).sqrt().reshape(-1, 1, 1, 1)]), args.grid, nrow=11)
+    print(f"wrote {args.grid}: the image, then x_t at t = {[round(t, 4) for t in ts.tolist()]}", file=sys.stderr)
 
 
-def invert_and_mix(args, diffusion, net, s, c):
-    """--invert, seed 004's experiment: DDIM-invert two images, slerp their latents, decode."""
-    x0 = torch.cat([load_image(f, s, c) for f in args.invert]).to(diffusion.device)
-    steps, spacing = args.steps or STEPS["ddim"], args.spacing or "trailing"
-    x_T = diffusion.ddim_invert(net, x0, steps=steps, spacing=spacing, progress=make_progress("inverting"))
+def invert_and_mix(args, process, net, cfg):
+    """--invert: DDIM-invert two images, slerp their latents, decode (Song et al. 2020, section 5.4)."""
+    m = cfg["model"]
+    x0 = torch.cat([load_image(f, m["image_size"], m["in_channels"]) for f in args.invert]).to(process.device)
+    steps, spacing = args.steps or STEPS["ddim"], args.spacing
+    labels = None if args.classes is None else torch.tensor(args.classes * 3)
+    x_T = process.ddim_invert(guided(args, net, cfg, None if labels is None else labels[:2]), x0, steps=steps,
+                              spacing=spacing, progress=make_progress("inverting"))
     latents = torch.cat([x_T, slerp(x_T[:1], x_T[1:], args.mix)])
-    out = diffusion.ddim_sample(net, x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
+    out = process.ddim_sample(guided(args, net, cfg, labels), x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
     pixel = (torch.cat([x0, 0.5 * (x0[:1] + x0[1:])]), out)
-    train.save_grid(torch.cat(pixel).clamp(-1, 1), args.grid, nrow=3)
+    cli.save_grid(torch.cat(pixel).clamp(-1, 1), args.grid, nrow=3)
     err = (out[:2] - x0).abs().max().item()
     print(f"wrote {args.grid}: top row A, B, their pixel average; bottom row A and B decoded from their "
           f"inversions (max error {err:.4f}) and the latent mix at {args.mix}", file=sys.stderr)
@@ -352,24 +575,7 @@ def invert_and_mix(args, diffusion, net, s, c):
 
 def main(argv=None):
     args = parse_args(argv)
-    procs = fid.Processes()
-    try:
-        run(args, procs)
-    except (train.UserError, fid.FIDError, ValueError, OSError, fid.Stopped) as e:
-        print(f"{procs.prefix('sample.py')}error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        lost = procs.lost_contact(e)
-        if lost is None:
-            raise
-        print(f"{procs.prefix('sample.py')}error: {lost}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nsample.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        procs.close()
-    return 0
+    return cli.run_command("sample.py", lambda procs: run(args, procs))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python train.py                                           # demo: coloured shapes at 32x32, CPU minutes
     python train.py --data ./faces --T 300 --schedule cosine --preset faces64 --image-size 64
-    python train.py --data ../shared/data/mnist --channels 1 --image-size 32 --preset tiny
-    python train.py --data ../shared/data/mnist --channels 1 --process ve   # seed 002's score model
+    python train.py --data mnist/ --channels 1 --image-size 32 --no-flip   # a folder of MNIST's IDX files
+    python train.py --data mnist/ --channels 1 --no-flip --process ve     # the VE score SDE (Song et al. 2021)
     python train.py --resume runs/faces                       # continue exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --batch-size 256   # 8 GPUs, same run
 
@@ -13,17 +13,14 @@ as uint8. The run folder (--out) gets config.json, ckpt.pt (written atomically; 
 it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model (SDE-DPM-Solver++).
 """
 import argparse
-import concurrent.futures
 import csv
-import functools
-import gzip
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,139 +28,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
+import cli
 import ddpm
 import fid
-
-TRAIN_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr, exit status 1."""
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def fit_image(im, size, mode):
-    """PIL image -> uint8 array [C, size, size]: short side resized (bicubic), centre crop."""
-    a = np.asarray(ImageOps.fit(fid.to_8bit(im).convert(mode), (size, size), Image.BICUBIC))
-    return a.reshape(size, size, -1).transpose(2, 0, 1)
-
-
-def fit_file(path, size, mode):
-    """An image file through fit_image; None when it cannot be decoded, fid.TOO_LARGE when too large."""
-    try:
-        with Image.open(path) as im:
-            return fit_image(im, size, mode)
-    except Image.DecompressionBombError:
-        return fid.TOO_LARGE
-    except Exception:
-        return None
-
-
-def read_idx_images(path):
-    """Images from an MNIST-style IDX file (optionally gzipped) as uint8 [N, H, W]."""
-    try:
-        raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
-        if len(raw) < 16 or raw[2] != 0x08 or raw[3] != 3:
-            raise ValueError("no IDX header for uint8 images")
-        n, h, w = np.frombuffer(raw, ">i4", 3, offset=4)
-        return np.frombuffer(raw, np.uint8, n * h * w, offset=16).reshape(n, h, w)
-    except (OSError, EOFError, ValueError) as e:  # a damaged gzip stream, a short file
-        raise UserError(f"{path}: not a readable IDX file of uint8 images ({e})") from None
-
-
-def _readable(path):
-    """path when its image header can be read, else None (a cheap check before streaming)."""
-    try:
-        with Image.open(path):
-            return path
-    except Image.DecompressionBombError:
-        return fid.TOO_LARGE
-    except Exception:
-        return None
-
-
-def memory_budget():
-    """Bytes of decoded images to keep in memory: half of this machine's RAM."""
-    return 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-class StreamedImages:
-    """A folder too large for memory, indexed like the uint8 tensor load_folder returns; each
-    batch is decoded on demand by a pool of threads (Pillow decodes and resizes without the GIL)."""
-
-    def __init__(self, files, size, channels, workers):
-        self.files = files
-        self.decode = functools.partial(fit_file, size=size, mode="L" if channels == 1 else "RGB")
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, idx):
-        paths = [self.files[i] for i in idx.tolist()]
-        arrays = list(self.pool.map(self.decode, paths))
-        for path, a in zip(paths, arrays):
-            if a is None or isinstance(a, str):
-                raise UserError(f"{path}: could not be decoded during training")
-        return torch.from_numpy(np.stack(arrays))
-
-
-def load_folder(folder, size, channels, workers=0):
-    """Every image under folder as one uint8 tensor [N, C, size, size] (decoded in parallel), or
-    as StreamedImages when that tensor would not fit in memory_budget()."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--data {folder}: no such folder")
-    mode = "L" if channels == 1 else "RGB"
-    paths = sorted(p for p in folder.rglob("*") if p.is_file())
-    files = [p for p in paths if p.suffix.lower() in TRAIN_EXTENSIONS]
-    idx = [p for p in paths if p.name.endswith(("idx3-ubyte", "idx3-ubyte.gz"))]
-    arrays = [fit_image(Image.fromarray(a), size, mode) for p in idx for a in read_idx_images(p)]
-    need = (len(files) + len(arrays)) * channels * size * size
-    stream = need > memory_budget()
-    if stream and arrays:
-        raise UserError(f"{folder}: too large to hold in memory ({need / 2**30:.1f} GiB) and it mixes IDX files "
-                        "with image files; give them separate folders")
-    skipped = {}
-    decode = _readable if stream else functools.partial(fit_file, size=size, mode=mode)
-    found = [x for batch in fid.decode_files(files, decode, 64, workers, skipped) for x in batch]
-    if skipped:
-        print(f"{folder}: image files skipped: {fid.describe_skipped(skipped)}", file=sys.stderr)
-    if not found and not arrays:
-        raise UserError(f"--data {folder}: no images ({', '.join(sorted(TRAIN_EXTENSIONS))} or IDX)")
-    if stream:
-        print(f"{folder}: {len(found)} images at {size}x{size} would need {need / 2**30:.1f} GiB; decoding each "
-              f"batch from disk instead", file=sys.stderr)
-        return StreamedImages(found, size, channels, workers)
-    return torch.from_numpy(np.stack(arrays + found))
-
-
-def demo_shapes(n=2048, size=32, channels=3, seed=0):
-    """A built-in data set: one coloured circle, square or triangle on a plain background."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        while np.abs(bg - fg).sum() < 200:  # keep the shape visible
-            fg = rng.integers(0, 256, 3)
-        im = Image.new("RGB", (size, size), tuple(int(c) for c in bg))
-        draw, r = ImageDraw.Draw(im), rng.uniform(0.2, 0.35) * size
-        cx, cy = rng.uniform(r, size - r, 2)
-        kind, color = rng.integers(3), tuple(int(c) for c in fg)
-        if kind == 0:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        elif kind == 1:
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-        out[i] = np.asarray(im)
-    x = torch.from_numpy(out).permute(0, 3, 1, 2)
-    return x if channels == 3 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
-
+from cli import UserError
 
 def batch_indices(n, batch_size, step, seed):
     """Indices of the batch at `step`: epochs are seeded permutations, so the order is a pure
@@ -175,21 +45,6 @@ def batch_indices(n, batch_size, step, seed):
 
 # ----------------------------------------------------------------------------------------------
 # pictures
-
-
-def save_grid(images, path, nrow=None, pad=2):
-    """Save uint8 [N, C, H, W] (or float in [-1, 1]) as one PNG grid, nrow images per row."""
-    if images.dtype != torch.uint8:
-        images = fid.to_uint8(images)
-    n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for k, im in enumerate(images.cpu().permute(0, 2, 3, 1).numpy()):
-        y, x = pad + (k // nrow) * (h + pad), pad + (k % nrow) * (w + pad)
-        grid[y:y + h, x:x + w] = im
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fid.save_image(grid[..., 0] if c == 1 else grid, path)
 
 
 def plot_loss(log_path, png_path, width=640, height=360):
@@ -218,135 +73,139 @@ def plot_loss(log_path, png_path, width=640, height=360):
     d.text(((left + right) // 2 - 40, height - 16), "step (loss, log)", fill="black")
     d.line([(px(s), py(v)) for s, v in zip(steps, loss)], fill=(190, 205, 235))
     d.line([(px(s), py(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 160), width=2)
-    fid.atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path, state):
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    fid.atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def unreadable_checkpoint(path, error):
-    """Why torch.load failed, in words that do not pass on its advice to load unsafely."""
-    if not zipfile.is_zipfile(path):
-        return "not a torch checkpoint: the file is damaged, truncated or of another kind"
-    if "weights only" in str(error).lower():
-        return "a torch file holding Python objects that a safe load refuses: not a checkpoint of train.py"
-    return f"a damaged torch checkpoint ({type(error).__name__}); a complete one is rewritten at every save"
-
-
-def load_checkpoint(path, device="cpu"):
-    """(checkpoint dict, model, EMA, Diffusion) from a run folder or a ckpt.pt, built from the
-    configuration inside it. weights_only=True: loading a checkpoint never runs code."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: {unreadable_checkpoint(path, e)}") from None
-    try:
-        cfg = ckpt["config"]
-        model = ddpm.UNet(**cfg["model"]).to(device)
-        model.load_state_dict(ckpt["model"])
-        ema = ddpm.EMA(model, cfg["ema_decay"])
-        ema.load_state_dict(ckpt["ema"])
-    except Exception as e:
-        raise UserError(f"{path}: not a checkpoint of this version of train.py "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return ckpt, model, ema, make_process(cfg).to(device)
+    cli.atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
 
 # ----------------------------------------------------------------------------------------------
 # main
 
 
+# ----------------------------------------------------------------------------------------------
+# a run's settings: one table, from which the command line, the checks and the configuration follow
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One option of train.py and, unless stored=False, one key of the run's configuration (config.json
+    and the checkpoint). model: the U-Net argument it sets, stored under config["model"]; None as the
+    default takes the preset's (model settings) or the preset's recipe (lr, prediction, min_snr). valid:
+    (test, words) for numbers. legacy: what a configuration saved before the setting existed means."""
+    name: str
+    default: object = None
+    help: str = ""
+    type: type = None
+    choices: tuple = None
+    valid: tuple = None
+    model: str = None
+    stored: bool = True
+    legacy: object = None
+    metavar: str = None
+
+
+def at_least(n, why=""):
+    return (lambda v: v >= n), f"at least {n}{why}"
+
+
+S = Setting
+SETTINGS = (
+    S("data", help="image folder (searched recursively); none: the built-in demo shapes"),
+    S("out", "runs/ddpm", "run folder"),
+    S("resume", help="continue the run in this folder (its config wins)", metavar="RUN", stored=False),
+    S("image_size", help="None: the preset's (32 tiny/cifar10, 64 faces64)", type=int, valid=at_least(1),
+      model="image_size"),
+    S("channels", 3, "1 for grayscale", choices=(1, 3), model="in_channels"),
+    S("no_flip", False, "no random horizontal flips"),
+    S("workers", min(4, os.cpu_count() or 1), "decoding processes", valid=at_least(0)),
+    S("process", "ddpm", "ddpm (Ho et al.; also sampled as the VP SDE) or ve: the variance-exploding SDE "
+      "dx = sigma^t dw of Song et al. 2021", choices=("ddpm", "ve"), legacy="ddpm"),
+    S("sigma", 25.0, "ve: sigma of dx = sigma^t dw"),
+    S("T", 1000, "diffusion steps", valid=at_least(1)),
+    S("schedule", help="None: linear (Ho et al.) at --T 1000, else rescaled-linear (docs/recipes.md)",
+      choices=ddpm.SCHEDULES),
+    S("beta_start", 1e-4),
+    S("beta_end", 0.02),
+    S("loss", "l2", choices=ddpm.LOSSES),
+    S("class_cond", False, "class-conditional: each top-level subfolder of --data is a class (MNIST's IDX images "
+      "take their labels file; the demo shapes their kind), and classifier-free guidance when sampling",
+      legacy=False),
+    S("label_dropout", 0.1, "class_cond: the share of labels replaced by the null class (Ho & Salimans 2022)",
+      valid=((lambda v: 0 <= v < 1), "in [0, 1)")),
+    S("sample_guidance", 3.0, "class_cond: the guidance scale of the grids and FID (1: the conditional model)",
+      valid=at_least(0)),
+    S("prediction", help="ddpm: what the network predicts (v: Salimans & Ho); None: the preset's recipe",
+      choices=ddpm.PREDICTIONS, legacy="eps"),
+    S("min_snr", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs; 0: off); None: the "
+      "preset's recipe", type=float, valid=((lambda v: v >= 0), "a number >= 0 (0: off)"), legacy=0.0,
+      metavar="GAMMA"),
+    S("preset", "tiny", choices=tuple(sorted(ddpm.PRESETS)), stored=False),
+    S("base_channels", type=int, valid=at_least(1), model="base_channels"),
+    S("channel_mults", help="e.g. 1,2,2", model="channel_mults"),
+    S("num_res_blocks", type=int, valid=at_least(1), model="num_res_blocks"),
+    S("attn_resolutions", help="e.g. 16 or 16,8; 'none' for no attention", model="attn_resolutions"),
+    S("num_heads", help="attention heads", type=int, valid=at_least(1), model="num_heads"),
+    S("dropout", type=float, valid=at_least(0), model="dropout"),
+    S("act", "silu", choices=("silu", "relu"), model="activation"),
+    S("norm", "group", choices=("group", "batch"), model="norm"),
+    S("norm_group_size", help="channels per GroupNorm group; 0: gcd(32, C) groups (Ho et al.'s 32 at their "
+      "widths: the cifar10 and faces64 presets' rule); None: the preset's", type=int, valid=at_least(0),
+      model="norm_group_size"),
+    S("batch_size", 64, "the global batch: split evenly among torchrun's processes", valid=at_least(1)),
+    S("grad_accum", 1, "micro-batches per process and step (same result, less memory)", valid=at_least(1),
+      legacy=1),
+    S("lr", help="peak learning rate; None: the preset's recipe", type=float,
+      valid=((lambda v: v > 0), "a positive number")),
+    S("warmup", 200, "linear warm-up steps", valid=at_least(0)),
+    S("decay", "cosine", "learning-rate decay to 10%% after warm-up", choices=("cosine", "none")),
+    S("grad_clip", 1.0, "max gradient norm (0: off)", valid=at_least(0)),
+    S("ema_decay", 0.999, valid=((lambda v: 0 <= v < 1), "in [0, 1)")),
+    S("steps", help="optimizer steps; None: 1500 on the demo set, else --epochs worth", type=int, valid=at_least(1)),
+    S("epochs", 100, valid=at_least(1)),
+    S("amp", help="autocast on CUDA", choices=("bf16", "fp16")),
+    S("compile", False, "torch.compile the model"),
+    S("channels_last", False, "channels_last memory format (docs/performance.md: faster on some models)",
+      legacy=False),
+    S("seed", 0),
+    S("device", "cuda" if torch.cuda.is_available() else "cpu"),
+    S("sample_every", 500, "steps between sample grids (0: off)", valid=at_least(0)),
+    S("sample_n", 36, valid=at_least(1)),
+    S("sample_steps", 20, "SDE-DPM-Solver++ steps for the grids and FID", valid=at_least(1)),
+    S("save_every", 500, valid=at_least(1)),
+    S("log_every", 10, valid=at_least(1)),
+    S("fid_every", 0, "steps between FIDs against the training set (0: off)", valid=at_least(0)),
+    S("fid_samples", 1000, valid=at_least(2, " (a covariance)")),
+)
+LEGACY = {s.name: s.legacy for s in SETTINGS if s.legacy is not None}
+# Training defaults by preset. The tiny preset's recipe was measured on MNIST at a budget of 15
+# CPU-minutes (docs/recipes.md); the other presets keep Ho et al.'s, which these flags also restore
+# for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear (and --norm-group-size 0 their
+# GroupNorm rule).
+RECIPES = {"ho": dict(lr=2e-4, prediction="eps", min_snr=0.0),
+           "tiny": dict(lr=1e-3, prediction="eps", min_snr=5.0)}
+SCHEDULE_AT_OTHER_T = "rescaled-linear"  # the default schedule when --T is not 1000 (docs/recipes.md)
+FIRST_GRID = 400  # a grid this early too: the CPU demo's shapes are recognisable by then (about 2 minutes)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--data", help="image folder (searched recursively); none: the built-in demo shapes")
-    a("--out", default="runs/ddpm", help="run folder")
-    a("--resume", metavar="RUN", help="continue the run in this folder (its config wins)")
-    a("--image-size", type=int, default=None, help="None: the preset's (32 tiny/cifar10, 64 faces64)")
-    a("--channels", type=int, default=3, choices=(1, 3), help="1 for grayscale")
-    a("--no-flip", action="store_true", help="no random horizontal flips")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
-    a("--process", default="ddpm", choices=("ddpm", "ve"),
-      help="ddpm (Ho et al.; also sampled as the VP SDE) or ve: seed 002's score model on dx = sigma^t dw")
-    a("--sigma", type=float, default=25.0, help="ve: sigma of dx = sigma^t dw")
-    a("--T", type=int, default=1000, help="diffusion steps")
-    a("--schedule", choices=ddpm.SCHEDULES, help="None: linear (Ho et al.) at --T 1000, else rescaled-linear (README)")
-    a("--beta-start", type=float, default=1e-4)
-    a("--beta-end", type=float, default=0.02)
-    a("--loss", default="l2", choices=ddpm.LOSSES)
-    a("--prediction", choices=ddpm.PREDICTIONS, help="ddpm: what the network predicts (v: Salimans & Ho); "
-                                                      "None: the preset's recipe")
-    a("--min-snr", type=float, metavar="GAMMA", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is "
-                                                     "theirs; 0: off); None: the preset's recipe")
-    a("--preset", default="tiny", choices=sorted(ddpm.PRESETS))
-    a("--base-channels", type=int)
-    a("--channel-mults", help="e.g. 1,2,2")
-    a("--num-res-blocks", type=int)
-    a("--attn-resolutions", help="e.g. 16 or 16,8; 'none' for no attention")
-    a("--num-heads", type=int, help="attention heads")
-    a("--dropout", type=float)
-    a("--act", choices=("silu", "relu"), default="silu")
-    a("--norm", choices=("group", "batch"), default="group")
-    a("--norm-group-size", type=int, help="channels per GroupNorm group; 0: gcd(32, C) groups (Ho et al.'s 32 "
-                                          "at their widths: the cifar10 and faces64 presets' rule); None: the preset's")
-    a("--batch-size", type=int, default=64, help="the global batch: split evenly among torchrun's processes")
-    a("--grad-accum", type=int, default=1, help="micro-batches per process and step (same result, less memory)")
-    a("--lr", type=float, help="peak learning rate; None: the preset's recipe")
-    a("--warmup", type=int, default=200, help="linear warm-up steps")
-    a("--decay", default="cosine", choices=("cosine", "none"), help="learning-rate decay to 10%% after warm-up")
-    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    a("--ema-decay", type=float, default=0.999)
-    a("--steps", type=int, help="optimizer steps; None: 1500 on the demo set, else --epochs worth")
-    a("--epochs", type=int, default=100)
-    a("--amp", choices=("bf16", "fp16"), help="autocast on CUDA")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--channels-last", action="store_true", help="channels_last memory format (see README: faster on some models)")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--sample-every", type=int, default=500, help="steps between sample grids (0: off)")
-    a("--sample-n", type=int, default=36)
-    a("--sample-steps", type=int, default=20, help="SDE-DPM-Solver++ steps for the grids and FID (ddpm runs)")
-    a("--save-every", type=int, default=500)
-    a("--log-every", type=int, default=10)
-    a("--fid-every", type=int, default=0, help="steps between FIDs against the training set (0: off)")
-    a("--fid-samples", type=int, default=1000)
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-")
+        if s.default is False:
+            p.add_argument(flag, action="store_true", help=s.help)
+        else:
+            kind = s.type or (type(s.default) if s.default is not None else str)
+            p.add_argument(flag, type=kind, default=s.default, choices=s.choices, help=s.help, metavar=s.metavar)
     return p.parse_args(argv)
-
-
-FIRST_GRID = 400  # a grid this early too: the CPU demo's shapes are recognisable by then (about 2 minutes)
-AT_LEAST_ONE = ("batch_size", "log_every", "save_every", "sample_n", "image_size", "T", "epochs", "sample_steps",
-                "base_channels", "num_res_blocks", "steps", "num_heads", "grad_accum")
-AT_LEAST_ZERO = ("warmup", "workers", "sample_every", "fid_every", "grad_clip", "dropout", "norm_group_size")
 
 
 def check_args(args):
     """Numbers, the device and the run folder, checked before any data is read: one UserError line."""
-    for names, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not (math.isfinite(value) and value >= least):
-                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
-    if args.fid_samples < 2:
-        raise UserError(f"--fid-samples must be at least 2 (a covariance), got {args.fid_samples}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if args.min_snr is not None and not (math.isfinite(args.min_snr) and args.min_snr >= 0):
-        raise UserError(f"--min-snr must be a number >= 0 (0: off), got {args.min_snr}")
+    for s in SETTINGS:
+        value = getattr(args, s.name)
+        if s.valid and value is not None and not (math.isfinite(value) and s.valid[0](value)):
+            raise UserError(f"--{s.name.replace('_', '-')} must be {s.valid[1]}, got {value}")
     if args.process == "ve" and (args.prediction not in (None, "eps") or args.min_snr):
         raise UserError("--prediction v and --min-snr apply to --process ddpm; a ve model predicts the scaled score")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    fid.check_device(args.device)
+    cli.check_device(args.device)
 
 
 def prepare_out(out):
@@ -360,30 +219,26 @@ def prepare_out(out):
         raise UserError(f"--out {out}: the folder is not empty and is not a run of train.py; choose a new one")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fid.atomic_write(out / ".write-test", lambda tmp: tmp.write_bytes(b""))
+        cli.atomic_write(out / ".write-test", lambda tmp: tmp.write_bytes(b""))
         (out / ".write-test").unlink()
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
-def run_config(args):
-    """The run's configuration (model included) from the command line."""
+def model_config(args):
+    """The U-Net's arguments: the preset's, then the model settings given on the command line."""
     cfg = dict(ddpm.PRESETS[args.preset])
-    for key, value in (("base_channels", args.base_channels), ("num_res_blocks", args.num_res_blocks),
-                       ("dropout", args.dropout), ("image_size", args.image_size), ("num_heads", args.num_heads),
-                       ("norm_group_size", args.norm_group_size)):
-        if value is not None:
-            cfg[key] = value
-    if cfg.get("norm_group_size") == 0:  # the old rule, which a model config spells None
-        cfg["norm_group_size"] = None
     try:
-        if args.channel_mults:
-            cfg["channel_mults"] = [int(m) for m in args.channel_mults.split(",")]
-        if args.attn_resolutions:
-            cfg["attn_resolutions"] = ([] if args.attn_resolutions == "none"
-                                       else [int(r) for r in args.attn_resolutions.split(",")])
+        for s in SETTINGS:
+            value = getattr(args, s.name)
+            if s.model and value is not None:
+                if s.name == "channel_mults" or (s.name == "attn_resolutions" and value != "none"):
+                    value = [int(m) for m in value.split(",")]
+                cfg[s.model] = [] if value == "none" else value
     except ValueError:
         raise UserError("--channel-mults and --attn-resolutions take comma-separated integers") from None
+    if cfg.get("norm_group_size") == 0:  # the old rule, which a model config spells None
+        cfg["norm_group_size"] = None
     if not args.attn_resolutions:  # the preset's attention where this image size has that resolution
         levels = ddpm.unet_resolutions(cfg["image_size"], cfg["channel_mults"])
         dropped = [r for r in cfg["attn_resolutions"] if r not in levels]
@@ -391,12 +246,17 @@ def run_config(args):
         if dropped:
             print(f"note: the {args.preset} preset's attention at {dropped} does not exist at {cfg['image_size']} px "
                   f"(resolutions {levels}); --attn-resolutions sets it", file=sys.stderr)
-    cfg.update(in_channels=args.channels, activation=args.act, norm=args.norm)
     if args.process == "ve":  # t in (0, 1]: see UNet.forward
         cfg["time_scale"] = 1000.0
-    skip = {"resume", "preset", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
-            "dropout", "image_size", "act", "norm", "num_heads", "norm_group_size"}
-    run = {k: v for k, v in vars(args).items() if k not in skip}
+    ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
+    return cfg
+
+
+def run_config(args):
+    """The run's configuration from the command line: the stored settings, None filled from the preset's
+    recipe, and the model's arguments under "model"."""
+    run = {s.name: getattr(args, s.name) for s in SETTINGS if s.stored and not s.model}
+    run["channels"] = args.channels  # at the top level too, as configurations have always had it
     if args.data:  # absolute, so that --resume works from any directory
         run["data"] = str(Path(args.data).resolve())
     recipe = dict(RECIPES.get(args.preset, RECIPES["ho"]))
@@ -410,45 +270,27 @@ def run_config(args):
     if run["schedule"] in ("linear", "rescaled-linear") and not 0 < args.beta_start < args.beta_end < 1:
         raise UserError(f"the {run['schedule']} schedule needs 0 < --beta-start < --beta-end < 1, got "
                         f"{args.beta_start} and {args.beta_end}")
-    ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
-    make_process(run)  # and for an impossible process
-    return run | {"model": cfg}
-
-
-# Training defaults by preset. The tiny preset's recipe was measured on MNIST at a budget of 15
-# CPU-minutes (README, "A training recipe per CPU-minute"); the other presets keep Ho et al.'s, which
-# these flags also restore for tiny: --lr 2e-4 --prediction eps --min-snr 0 --schedule linear
-# (and --norm-group-size 0 their GroupNorm rule).
-RECIPES = {"ho": dict(lr=2e-4, prediction="eps", min_snr=0.0),
-           "tiny": dict(lr=1e-3, prediction="eps", min_snr=5.0)}
-SCHEDULE_AT_OTHER_T = "rescaled-linear"  # the default schedule when --T is not 1000 (measured: README)
-
-
-def make_process(cfg):
-    """The run's process: ddpm.Diffusion with its beta schedule, or ddpm.VESDE."""
-    if cfg.get("process", "ddpm") == "ve":
-        return ddpm.VESDE(cfg["sigma"])
-    return ddpm.Diffusion(ddpm.make_betas(cfg["schedule"], cfg["T"], cfg["beta_start"], cfg["beta_end"]))
+    model = model_config(args)
+    if args.class_cond:  # the classes, from the folder's listing: no image is decoded yet
+        run["classes"] = cli.find_classes(args.data) if args.data else list(cli.DEMO_CLASSES)
+        model["num_classes"] = len(run["classes"])
+        ddpm.UNet(**model)
+    ddpm.make_process(run)  # raises ValueError for an impossible process
+    return run | {"model": model}
 
 
 def loss_options(cfg):
-    """The keyword arguments of the run's loss beyond its type (DDPM runs; older configs have none)."""
-    if cfg.get("process", "ddpm") == "ve":
-        return {}
-    return {"prediction": cfg.get("prediction", "eps"), "min_snr": cfg.get("min_snr") or None}
+    """The keyword arguments of the run's loss beyond its type."""
+    return {"prediction": cfg["prediction"], "min_snr": cfg["min_snr"] or None}
 
 
-def sampling_model(cfg, model, process):
-    """The network as the samplers take it: an eps model (a v-prediction network is converted)."""
-    return ddpm.EpsFromV(model, process) if cfg.get("prediction", "eps") == "v" else model
-
-
-def draw(process, model, shape, steps, generator):
-    """Samples for grids and FID during training: SDE-DPM-Solver++(2M) with `steps` calls for DDPM runs
-    (the best images per model call, README), the probability-flow ODE at tolerance 1e-3 for VE."""
-    if isinstance(process, ddpm.VESDE):
-        return process.ode_sample(model, shape, rtol=1e-3, atol=1e-3, generator=generator)[0]
-    return process.dpm_solver_sample(model, shape, steps=steps, eta=1.0, generator=generator)
+def draw(cfg, model, process, shape, generator, labels=None):
+    """Samples for grids and FID during training: SDE-DPM-Solver++(2M) with sample_steps calls
+    (docs/samplers.md) from the network `model`, guided at sample_guidance when labels are given."""
+    net = ddpm.sampling_model(model, process, cfg)
+    if labels is not None:
+        net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"])
+    return process.dpm_solver_sample(net, shape, steps=cfg["sample_steps"], eta=1.0, generator=generator)
 
 
 def lr_at(step, cfg, total):
@@ -478,8 +320,8 @@ def setup(args, procs):
     device = procs.start(args.device)
     resumed = None
     if args.resume:
-        resumed = load_checkpoint(args.resume, device)
-        cfg, out = resumed[0]["config"], Path(args.resume)
+        resumed = cli.load_checkpoint(args.resume, device)
+        cfg, out = LEGACY | resumed[0]["config"], Path(args.resume)
         out = out.parent if out.is_file() else out  # --resume RUN or RUN/ckpt.pt, as sample.py
         if args.steps:  # what a resume may change: how long to go on, and how the batch is split
             cfg["steps"] = args.steps
@@ -500,7 +342,7 @@ def setup(args, procs):
 
 def check_split(cfg):
     """The global batch must split evenly into world_size x grad_accum equal parts."""
-    batch, world, accum = cfg["batch_size"], cfg["world_size"], cfg.get("grad_accum", 1)
+    batch, world, accum = cfg["batch_size"], cfg["world_size"], cfg["grad_accum"]
     if batch % (world * accum):
         raise UserError(f"--batch-size {batch} is the global batch: it does not split evenly among {world} "
                         f"process{'es' * (world > 1)} x {accum} micro-batch{'es' * (accum > 1)} (--grad-accum)")
@@ -510,21 +352,31 @@ def check_split(cfg):
 
 
 def load_data(cfg, device, procs):
-    """The training images (uint8, on the device when they fit in memory) and the steps an epoch."""
+    """The training images (uint8, on the device when they fit in memory) with their labels (class_cond)
+    as cli.Labelled, and the steps an epoch."""
     size, channels = cfg["model"]["image_size"], cfg["model"]["in_channels"]
     if cfg["data"]:
-        data = load_folder(cfg["data"], size, channels, cfg["workers"])
+        data = cli.load_images(cfg["data"], size, channels, cfg["workers"], labelled=cfg["class_cond"])
     else:
-        data = demo_shapes(size=size, channels=channels, seed=cfg["seed"])
-    if isinstance(data, torch.Tensor):
-        data = data.to(device)
-    per_epoch = max(len(data) // cfg["batch_size"], 1)
+        data = cli.demo_images(size=size, channels=channels, seed=cfg["seed"])
+    images, labels = data.images, data.labels if cfg["class_cond"] else None
+    if isinstance(images, torch.Tensor):
+        images = images.to(device)
+    if labels is not None:
+        if data.classes != cfg["classes"]:
+            raise UserError(f"--data {cfg['data']}: its classes are no longer the run's {cfg['classes']}")
+        cfg["class_counts"] = torch.bincount(labels, minlength=len(data.classes)).tolist()
+        labels = labels.to(device)
+    per_epoch = max(len(images) // cfg["batch_size"], 1)
     if not cfg["steps"]:
         cfg["steps"] = 1500 if not cfg["data"] else cfg["epochs"] * per_epoch
     if procs.main:
-        print(f"data: {len(data)} images {channels}x{size}x{size} from {cfg['data'] or 'the built-in demo shapes'}; "
+        print(f"data: {len(images)} images {channels}x{size}x{size} from {cfg['data'] or 'the built-in demo shapes'}; "
               f"{per_epoch} steps an epoch, {cfg['steps']} steps", file=sys.stderr)
-    return data, per_epoch
+        if labels is not None:
+            print("classes: " + ", ".join(f"{c} {n}" for c, n in zip(cfg["classes"], cfg["class_counts"])),
+                  file=sys.stderr)
+    return cli.Labelled(images, labels, data.classes), per_epoch
 
 
 def build(cfg, resumed, device, procs):
@@ -536,7 +388,7 @@ def build(cfg, resumed, device, procs):
     else:
         model = ddpm.UNet(**cfg["model"]).to(device)
         ema = ddpm.EMA(model, cfg["ema_decay"])
-        process = make_process(cfg).to(device)
+        process = ddpm.make_process(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     draws = torch.Generator(device).manual_seed(cfg["seed"])
     torch.manual_seed(cfg["seed"] + procs.rank)  # dropout: each rank its own masks
@@ -555,7 +407,7 @@ def build(cfg, resumed, device, procs):
     use_amp = bool(cfg["amp"]) and device.type == "cuda"
     if cfg["amp"] and not use_amp and procs.main:
         print("note: --amp applies on CUDA only; training in float32", file=sys.stderr)
-    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model.to(memory_format=memory_format)
     net = model
     if procs.world > 1:  # gradients averaged across ranks in backward; no buffers to keep in step
@@ -573,12 +425,8 @@ def describe(cfg, state, procs):
     """What rank 0 says about the model, the process and the split of the batch before training."""
     print(f"model: {ddpm.count_params(state.model) / 1e6:.2f} M parameters", file=sys.stderr)
     process = state.process
-    if isinstance(process, ddpm.VESDE):
-        print(f"process: VE SDE dx = {process.sigma:g}^t dw, prior std {process.prior_std:.2f}", file=sys.stderr)
-        a_T = 0.0
-    else:
-        a_T = process.alphas_cumprod64[-1].item()
-        print(f"schedule: {cfg['schedule']} T={cfg['T']}, alpha-bar_T = {a_T:.2e}", file=sys.stderr)
+    print(f"process: {process!r}", file=sys.stderr)
+    a_T = process.alphas_cumprod64[-1].item() if hasattr(process, "alphas_cumprod64") else 0.0
     if a_T > 0.01:
         print(f"warning: alpha-bar_T = {a_T:.3f} > 0.01: x_T keeps {math.sqrt(a_T):.0%} of the image, so "
               "sampling from pure noise starts off the training distribution; use --schedule cosine "
@@ -605,7 +453,7 @@ class RunFolder:
         if not self.main:
             return
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        fid.atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
+        cli.atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
         rows = []
         if resumed and self.log_path.exists():
             with open(self.log_path) as f:
@@ -614,7 +462,7 @@ class RunFolder:
         def write_log(tmp):
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
-        fid.atomic_write(self.log_path, write_log)
+        cli.atomic_write(self.log_path, write_log)
 
     def log(self, row):
         if self.main:
@@ -626,20 +474,26 @@ class RunFolder:
             return
         rng = {"cpu": torch.get_rng_state(), "draws": state.draws.get_state(),
                "cuda": torch.cuda.get_rng_state() if state.draws.device.type == "cuda" else None}
-        save_checkpoint(self.out / "ckpt.pt", {
+        cli.save_checkpoint(self.out / "ckpt.pt", {
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
             "step": state.step, "epoch": state.step // self.per_epoch, "config": self.cfg, "rng": rng})
         plot_loss(self.log_path, self.out / "loss.png")
 
     def grid(self, state):
+        """sample_n EMA samples; for a class-conditional run, one row per class (the first 16 classes)."""
         if not self.main:
             return
-        cfg, m = self.cfg, self.cfg["model"]
+        cfg, m, labels, nrow = self.cfg, self.cfg["model"], None, None
         g = torch.Generator(state.draws.device).manual_seed(cfg["seed"])  # its own: training draws untouched
-        net = sampling_model(cfg, state.ema.model, state.process)
-        x = draw(state.process, net, (cfg["sample_n"], m["in_channels"], m["image_size"], m["image_size"]),
-                 cfg["sample_steps"], g)
-        save_grid(x, self.out / "samples" / f"step_{state.step:06d}.png")
+        n = cfg["sample_n"]
+        if cfg["class_cond"]:
+            rows = min(m["num_classes"], 16)
+            nrow = max(n // rows, 1)
+            labels = torch.arange(rows, device=g.device).repeat_interleave(nrow)
+            n = len(labels)
+        x = draw(cfg, state.ema.model, state.process, (n, m["in_channels"], m["image_size"], m["image_size"]), g,
+                 labels)
+        cli.save_grid(x, self.out / "samples" / f"step_{state.step:06d}.png", nrow=nrow)
 
 
 class TrainingFID:
@@ -648,7 +502,9 @@ class TrainingFID:
     Without Inception weights: one note, then off."""
 
     def __init__(self, cfg, data, procs):
-        self.cfg, self.data, self.procs, self.net, self.ref, self.off = cfg, data, procs, None, None, False
+        self.cfg, self.data, self.procs, self.net, self.ref, self.off = cfg, data.images, procs, None, None, False
+        n = cfg["fid_samples"]  # class-conditional: labels drawn with the data's class frequencies
+        self.labels = cli.frequency_labels(cfg["class_counts"], n, cfg["seed"] + 1) if cfg["class_cond"] else None
 
     def features(self, images):
         return torch.from_numpy(fid.get_activations(images.split(50), self.net)[0])
@@ -656,7 +512,7 @@ class TrainingFID:
     def start(self):
         try:
             self.net = fid.load_inception(device=self.procs.device)
-        except fid.FIDError as e:
+        except cli.UserError as e:
             error = str(e)
         else:
             error = None
@@ -678,12 +534,13 @@ class TrainingFID:
         if self.off:
             return
         cfg, m, device = self.cfg, self.cfg["model"], self.procs.device
-        net = sampling_model(cfg, state.ema.model, state.process)
         lo, hi = self.procs.span(cfg["fid_samples"], 100)
-        xs = [draw(state.process, net, (min(100, hi - i), m["in_channels"], m["image_size"], m["image_size"]),
-                   cfg["sample_steps"], ddpm.sample_generators(cfg["seed"] + 1, range(i, min(i + 100, hi)), device))
+        labels = lambda i: None if self.labels is None else self.labels[i:min(i + 100, hi)].to(device)
+        xs = [draw(cfg, state.ema.model, state.process, (min(100, hi - i), m["in_channels"], m["image_size"],
+                                                          m["image_size"]),
+                   ddpm.sample_generators(cfg["seed"] + 1, range(i, min(i + 100, hi)), device), labels(i))
               for i in range(lo, hi, 100)]
-        mine = self.features(fid.to_uint8(torch.cat(xs))) if xs else torch.zeros(0, 2048, dtype=torch.float64)
+        mine = self.features(cli.to_uint8(torch.cat(xs))) if xs else torch.zeros(0, 2048, dtype=torch.float64)
         feats = self.procs.gather(mine)
         if self.procs.main:
             value = fid.frechet_distance(*fid.activation_statistics(feats.numpy()), *self.ref)
@@ -697,30 +554,32 @@ class TrainingFID:
 
 def train_step(state, data, cfg, procs):
     """One optimiser step on the global batch of state.step. Every rank draws the whole batch's flips,
-    timesteps and noise from state.draws and takes its share, and --grad-accum splits the share into
+    timesteps, noise and dropped labels from state.draws and takes its share, and --grad-accum splits the share into
     micro-batches, so the result does not depend on either. The loss is sum(per-sample) x world / batch:
     DDP averages over the world, giving the gradient of the mean over the global batch.
     Returns this rank's sum of per-sample losses (on the device: no host sync) and the epoch."""
     device, process, world, accum = procs.device, state.process, procs.world, cfg["grad_accum"]
-    idx, epoch = batch_indices(len(data), cfg["batch_size"], state.step, cfg["seed"])
+    idx, epoch = batch_indices(len(data.images), cfg["batch_size"], state.step, cfg["seed"])
     n, (c, s) = len(idx), (cfg["model"]["in_channels"], cfg["model"]["image_size"])
     flips = None if cfg["no_flip"] else torch.rand(n, generator=state.draws, device=device) < 0.5
     t = process.train_t(n, generator=state.draws, device=device)
     noise = torch.randn((n, c, s, s), generator=state.draws, device=device)
+    y = None if data.labels is None else ddpm.drop_labels(data.labels[idx.to(data.labels.device)], cfg["label_dropout"],
+                                                          cfg["model"]["num_classes"], state.draws)
     lo, hi = procs.span(n)
     bounds = [lo + (hi - lo) * k // accum for k in range(accum + 1)]
     for group in state.opt.param_groups:
         group["lr"] = lr_at(state.step, cfg, cfg["steps"])
     total = torch.zeros((), device=device)
     for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        x0 = data[idx[a:b]].to(device).float().div_(127.5).sub_(1).contiguous(memory_format=state.memory_format)
+        x0 = data.images[idx[a:b]].to(device).float().div_(127.5).sub_(1).contiguous(memory_format=state.memory_format)
         if flips is not None:
             x0 = torch.where(flips[a:b, None, None, None], x0.flip(3), x0)
         quiet = state.net.no_sync() if world > 1 and k < accum - 1 else nullcontext()  # all-reduce once, at the end
         with quiet:
             with torch.autocast(**state.amp):
                 per = process.loss(state.fwd, x0, cfg["loss"], t=t[a:b], noise=noise[a:b], reduction="none",
-                                   **loss_options(cfg))
+                                   y=None if y is None else y[a:b], **loss_options(cfg))
             state.scaler.scale(per.sum() * (world / n)).backward()
         total = total + per.detach().float().sum()
     if cfg["grad_clip"]:
@@ -826,24 +685,7 @@ def train(args, procs):
 
 def main(argv=None):
     args = parse_args(argv)
-    procs = fid.Processes()
-    try:
-        train(args, procs)
-    except (UserError, fid.FIDError, ValueError, OSError, fid.Stopped) as e:
-        print(f"{procs.prefix('train.py')}error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # another process died: its own message says why
-        lost = procs.lost_contact(e)
-        if lost is None:
-            raise
-        print(f"{procs.prefix('train.py')}error: {lost}; the last checkpoint is intact", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # outside the training loop, which saves and exits by itself
-        print("\ntrain.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        procs.close()
-    return 0
+    return cli.run_command("train.py", lambda procs: train(args, procs), "; the last checkpoint is intact")
 
 
 if __name__ == "__main__":

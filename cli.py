@@ -1,0 +1,683 @@
+"""cli.py: what the command lines (train.py, sample.py, fid.py, bench.py) share.
+
+The one error type and the one main() guard; the processes of a torchrun launch (rank, each one's
+share of the work, gathering on rank 0); atomic writes; image files (one set of extensions, 16-bit
+and float grey images read with their real range); a run's training images (a folder, MNIST's IDX
+files, streamed from disk when too large for memory, the built-in demo shapes); checkpoint files.
+Of the project's files it imports ddpm.py alone.
+"""
+import concurrent.futures
+import datetime
+import functools
+import gzip
+import math
+import os
+import signal
+import sys
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
+
+import ddpm
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+
+
+class UserError(Exception):
+    """Bad input, a missing file or weights: reported as one line on stderr, exit status 1."""
+
+
+class Stopped(Exception):
+    """SIGTERM: torchrun ends the other processes when one fails (or the job is cancelled)."""
+
+
+def run_command(script, body, lost_note=""):
+    """The main() of every command: body(procs) with this process's Processes; a UserError, ValueError,
+    OSError or a lost torchrun peer is one line on stderr and exit status 1, Ctrl-C is 130."""
+    procs = Processes()
+    try:
+        body(procs)
+    except (UserError, ValueError, OSError, Stopped) as e:
+        print(f"{procs.prefix(script)}error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # another process died: its own message says why
+        lost = procs.lost_contact(e)
+        if lost is None:
+            raise
+        print(f"{procs.prefix(script)}error: {lost}{lost_note}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{script}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.close()
+    return 0
+
+
+def check_device(name):
+    """torch.device(name), or UserError when it is not a device name or names a CUDA this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device")
+    return device
+
+# ----------------------------------------------------------------------------------------------
+# processes: one (python script.py), or many launched by torchrun (torch.distributed)
+
+DIST_TIMEOUT = datetime.timedelta(minutes=30)  # how long a rank waits for the others, e.g. while rank 0 saves
+
+
+class Processes:
+    """This process's place in a torchrun launch (RANK, WORLD_SIZE and LOCAL_RANK in the environment),
+    or the one process of a plain `python` run: rank 0 of 1. start() joins the process group: gloo on
+    CPUs, nccl on GPUs, where rank r uses cuda:LOCAL_RANK."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    def start(self, device_name):
+        """The checked device of this process; joins the process group under torchrun."""
+        device = check_device(device_name)
+        if self.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if self.world > 1 and not dist.is_initialized():
+            signal.signal(signal.SIGTERM, self._terminated)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        self.device = device
+        return device
+
+    def _terminated(self, *_):
+        raise Stopped(f"rank {self.rank} stopped by torchrun: another process failed or the job was cancelled")
+
+    def close(self):
+        if self.world > 1:  # from here on a SIGTERM from torchrun just ends the process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def lost_contact(self, error):
+        """The one-line reason when error is a collective failing because another process is gone
+        (gloo, nccl); None for any other error."""
+        text = str(error)
+        if self.world > 1 and (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+            return f"lost contact with another process ({text.splitlines()[0][:150]})"
+        return None
+
+    def prefix(self, script):
+        """'script: ' or, under torchrun, 'script (rank r): ' for messages."""
+        return f"{script}{f' (rank {self.rank})' if self.world > 1 else ''}: "
+
+    def span(self, n, block=1):
+        """This rank's share [start, end) of n items dealt in whole blocks, contiguously by rank."""
+        blocks = -(-n // block)
+        lo, hi = blocks * self.rank // self.world, blocks * (self.rank + 1) // self.world
+        return min(lo * block, n), min(hi * block, n)
+
+    def gather(self, x):
+        """Rows of x [n_r, ...] from every rank, concatenated in rank order on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return x
+        local = x.to(self.device)
+        counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
+        dist.all_gather(counts, torch.tensor([len(x)], device=self.device))
+        counts = [int(c) for c in counts]
+        pad = local.new_zeros((max(counts), *x.shape[1:]))
+        pad[:len(x)] = local
+        parts = [torch.empty_like(pad) for _ in range(self.world)] if self.main else None
+        dist.gather(pad, parts, dst=0)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device) if self.main else None
+
+    def agree(self, fn):
+        """Run fn on rank 0; its exception's text is raised on every rank as ErrorType(text)."""
+        if self.world == 1:
+            return fn()
+        error = [None]
+        if self.main:
+            try:
+                fn()
+            except Exception as e:  # passed on to every rank below
+                error = [(type(e), str(e))]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0][0](error[0][1])
+
+    def any(self, flag):
+        """True on every rank when flag is true on any (a collective: every rank must call it)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum(self, t):
+        """t summed over the ranks, in place (a collective: every rank must call it)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def min(self, t):
+        """The ranks' elementwise minimum of t, in place."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+# ----------------------------------------------------------------------------------------------
+# files: atomic writes and images
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it over path: an interrupted or failed
+    write (a kill, a full disk) leaves the previous file whole and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def image_format(path):
+    """Pillow's format name for path's extension; UserError for one Pillow cannot write."""
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{path}: cannot write images with the extension {ext or '(none)'!r}; use .png")
+    return fmt
+
+
+SOFTWARE = "ddpm"  # the PNG text chunk that marks an image as written by these commands
+
+
+def save_image(array, path):
+    """A uint8 array [H, W] or [H, W, 3] as an image file, atomically, in the format of path's extension;
+    a PNG carries the text chunk Software = SOFTWARE, so that it can be told from the user's files."""
+    fmt = image_format(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)
+    extra = {"pnginfo": info} if fmt == "PNG" else {}
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **extra))
+
+
+def written_by_us(path):
+    """True for a PNG that save_image wrote."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == SOFTWARE
+    except Exception:
+        return False
+
+
+def check_new_picture(path):
+    """A picture may be written at path: its extension is one Pillow writes, and any file there is one of
+    ours (never a file of the user's). UserError otherwise, before any work."""
+    image_format(path)
+    path = Path(path)
+    if path.exists() and not (path.is_file() and written_by_us(path)):
+        raise UserError(f"{path}: exists and was not written by this toolkit; choose another name or remove it")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{path}: cannot write into {folder}")
+
+
+def check_output_folder(folder):
+    """A folder for per-image files: new, empty, or holding only pictures that save_image wrote (a former
+    output); UserError for a file, or a folder of the user's."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: a file, not a folder")
+    if folder.is_dir():
+        files = [p for p in folder.rglob("*") if not p.is_dir()]
+        theirs = next((p for p in files if not written_by_us(p)), None)
+        if theirs is not None:
+            raise UserError(f"{folder}: holds files that this toolkit did not write ({theirs.name}); "
+                            "choose a new or empty folder")
+
+
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8 in [0, 255], rounded as when they are saved as PNG."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images, path, nrow=None, pad=2):
+    """Save uint8 [N, C, H, W] (or float in [-1, 1]) as one PNG grid, nrow images per row."""
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for k, im in enumerate(images.cpu().permute(0, 2, 3, 1).numpy()):
+        y, x = pad + (k // nrow) * (h + pad), pad + (k % nrow) * (w + pad)
+        grid[y:y + h, x:x + w] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid[..., 0] if c == 1 else grid, path)
+
+
+def list_images(folder):
+    """Image files under folder, recursively, sorted; UserError when there is no such folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def to_8bit(im):
+    """Pillow's 16-bit ("I;16*", or "I" holding values above 255) and float ("F", [0, 1]) grey images scaled
+    from their real range to 8 bits: convert() would clip them at 255, turning most of the image white."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        a = a * 255 if a.max(initial=0) <= 1 else a
+    elif im.mode != "I" or a.max(initial=0) > 255:
+        a = a / 257  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+
+
+TOO_LARGE = "too large"  # what a decoder returns for an image past Pillow's decompression-bomb limit
+
+
+def decoded(path, convert):
+    """convert(the Pillow image) of the file at path; None when it cannot be decoded, TOO_LARGE when it
+    has more pixels than Pillow will decode."""
+    try:
+        with Image.open(path) as im:
+            return convert(im)
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except Exception:
+        return None
+
+
+def read_image(path, mode="RGB"):
+    """A file as a uint8 tensor [C, H, W] (mode "RGB" or "L"), or as decoded() says why not."""
+    a = decoded(path, lambda im: np.asarray(to_8bit(im).convert(mode)))
+    if a is None or isinstance(a, str):
+        return a
+    return torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1).copy()).permute(2, 0, 1)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, files, decode):
+        self.files, self.decode = files, decode
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.decode(self.files[i])
+
+
+def decode_files(files, decode=read_image, batch_size=50, num_workers=0, skipped=None, kept=None):
+    """Yield lists of decode(file), decoded by num_workers processes. decode returns None for a file
+    it cannot read and TOO_LARGE for one too large to decode: both are left out and counted in the
+    dict skipped, by reason ("unreadable", "too large"); the list kept gets the indices of the others."""
+    loader = torch.utils.data.DataLoader(_Decoded(files, decode), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=list)
+    for b, batch in enumerate(loader):
+        good = []
+        for j, im in enumerate(batch):
+            if im is None or isinstance(im, str):
+                if skipped is not None:
+                    reason = "unreadable" if im is None else im
+                    skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                good.append(im)
+                if kept is not None:
+                    kept.append(b * batch_size + j)
+        if good:
+            yield good
+
+
+def describe_skipped(skipped):
+    """'2 unreadable, 1 too large (over Pillow's limit of N pixels)' from decode_files' counts."""
+    limit = f" (over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)" if TOO_LARGE in skipped else ""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + limit
+
+# ----------------------------------------------------------------------------------------------
+# a run's training images
+
+
+def fit_image(im, size, mode):
+    """PIL image -> uint8 array [C, size, size]: short side resized (bicubic), centre crop."""
+    a = np.asarray(ImageOps.fit(to_8bit(im).convert(mode), (size, size), Image.BICUBIC))
+    return a.reshape(size, size, -1).transpose(2, 0, 1)
+
+
+def fit_file(path, size, mode):
+    """An image file through fit_image, or as decoded() says why not."""
+    return decoded(path, lambda im: fit_image(im, size, mode))
+
+
+def _readable(path):
+    """path when its header can be read (a cheap check before streaming), or as decoded() says why not."""
+    return decoded(path, lambda im: path)
+
+
+def _read_idx(path, dims):
+    """The uint8 array of an MNIST-style IDX file (optionally gzipped) of `dims` dimensions."""
+    try:
+        raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+        if len(raw) < 4 + 4 * dims or raw[2] != 0x08 or raw[3] != dims:
+            raise ValueError(f"no IDX header for uint8 {'images' if dims == 3 else 'labels'}")
+        shape = np.frombuffer(raw, ">i4", dims, offset=4)
+        return np.frombuffer(raw, np.uint8, int(np.prod(shape)), offset=4 + 4 * dims).reshape(shape)
+    except (OSError, EOFError, ValueError) as e:  # a damaged gzip stream, a short file
+        raise UserError(f"{path}: not a readable IDX file of uint8 {'images' if dims == 3 else 'labels'} "
+                        f"({e})") from None
+
+
+def read_idx_images(path):
+    """Images from an MNIST-style IDX file (optionally gzipped) as uint8 [N, H, W]."""
+    return _read_idx(path, 3)
+
+
+def read_idx_labels(images_path):
+    """The labels [N] of an IDX images file from the labels file beside it (MNIST's names:
+    X-images-idx3-ubyte[.gz] and X-labels-idx1-ubyte[.gz])."""
+    path = Path(images_path)
+    path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    if not path.is_file():
+        raise UserError(f"{images_path}: no labels file {path.name} beside it")
+    return _read_idx(path, 1)
+
+
+IDX_IMAGES = ("idx3-ubyte", "idx3-ubyte.gz")
+
+
+class Labelled(NamedTuple):
+    """A data set's images (a uint8 tensor [N, C, H, W] or StreamedImages), its labels (LongTensor [N], or
+    None) and its class names (or None)."""
+    images: object
+    labels: torch.Tensor = None
+    classes: list = None
+
+
+def _classes_of(folder, files, idx):
+    """(class names, each file's class index, the IDX images' labels) of a labelled folder: the top-level
+    subfolders, sorted, as torchvision's ImageFolder; or the labels files of MNIST's IDX images."""
+    if idx and files:
+        raise UserError(f"--data {folder}: a labelled set holds IDX files or class folders of images, not both")
+    if idx:
+        raw = np.concatenate([read_idx_labels(p) for p in idx])
+        values = sorted(set(raw.tolist()))
+        return [str(v) for v in values], [], np.searchsorted(values, raw)
+    loose = next((f for f in files if len(f.relative_to(folder).parts) == 1), None)
+    if loose is not None:
+        raise UserError(f"--data {folder}: {loose.name} lies in the folder itself; a labelled set keeps each "
+                        "class's images in a subfolder named for the class")
+    classes = sorted({f.relative_to(folder).parts[0] for f in files})
+    return classes, [classes.index(f.relative_to(folder).parts[0]) for f in files], np.zeros(0, np.int64)
+
+
+def _listing(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--data {folder}: no such folder")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    return folder, [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS], [p for p in paths if
+                                                                               p.name.endswith(IDX_IMAGES)]
+
+
+def find_classes(folder):
+    """The class names of a labelled data folder, without decoding an image (see load_images)."""
+    return _classes_of(*_listing(folder))[0]
+
+
+def memory_budget():
+    """Bytes of decoded images to keep in memory: half of this machine's RAM."""
+    return 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class StreamedImages:
+    """A folder too large for memory, indexed like the uint8 tensor load_folder returns; each
+    batch is decoded on demand by a pool of threads (Pillow decodes and resizes without the GIL)."""
+
+    def __init__(self, files, size, channels, workers):
+        self.files = files
+        self.decode = functools.partial(fit_file, size=size, mode="L" if channels == 1 else "RGB")
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        paths = [self.files[i] for i in idx.tolist()]
+        arrays = list(self.pool.map(self.decode, paths))
+        for path, a in zip(paths, arrays):
+            if a is None or isinstance(a, str):
+                raise UserError(f"{path}: could not be decoded during training")
+        return torch.from_numpy(np.stack(arrays))
+
+
+def load_images(folder, size, channels, workers=0, labelled=False):
+    """Every image under folder as one uint8 tensor [N, C, size, size] (decoded in parallel), or as
+    StreamedImages when that tensor would not fit in memory_budget(); with labelled, their labels and
+    class names too (_classes_of). Returns Labelled."""
+    folder, files, idx = _listing(folder)
+    mode = "L" if channels == 1 else "RGB"
+    classes, file_class, idx_labels = _classes_of(folder, files, idx) if labelled else (None, None, None)
+    arrays = [fit_image(Image.fromarray(a), size, mode) for p in idx for a in read_idx_images(p)]
+    need = (len(files) + len(arrays)) * channels * size * size
+    stream = need > memory_budget()
+    if stream and arrays:
+        raise UserError(f"{folder}: too large to hold in memory ({need / 2**30:.1f} GiB) and it mixes IDX files "
+                        "with image files; give them separate folders")
+    skipped, kept = {}, []
+    decode = _readable if stream else functools.partial(fit_file, size=size, mode=mode)
+    found = [x for batch in decode_files(files, decode, 64, workers, skipped, kept) for x in batch]
+    if skipped:
+        print(f"{folder}: image files skipped: {describe_skipped(skipped)}", file=sys.stderr)
+    if not found and not arrays:
+        raise UserError(f"--data {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))} or IDX)")
+    labels = None
+    if labelled:
+        labels = torch.from_numpy(np.concatenate([idx_labels, np.array(file_class, np.int64)[kept]]).astype(np.int64))
+    if stream:
+        print(f"{folder}: {len(found)} images at {size}x{size} would need {need / 2**30:.1f} GiB; decoding each "
+              f"batch from disk instead", file=sys.stderr)
+        return Labelled(StreamedImages(found, size, channels, workers), labels, classes)
+    return Labelled(torch.from_numpy(np.stack(arrays + found)), labels, classes)
+
+
+def load_folder(folder, size, channels, workers=0):
+    """The images of load_images alone."""
+    return load_images(folder, size, channels, workers).images
+
+
+DEMO_CLASSES = ["circle", "square", "triangle"]
+
+
+def demo_images(n=2048, size=32, channels=3, seed=0):
+    """A built-in data set: one coloured circle, square or triangle on a plain background, the shape its
+    label. Returns Labelled."""
+    rng = np.random.default_rng(seed)
+    out, kinds = np.empty((n, size, size, 3), np.uint8), np.empty(n, np.int64)
+    for i in range(n):
+        bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        while np.abs(bg - fg).sum() < 200:  # keep the shape visible
+            fg = rng.integers(0, 256, 3)
+        im = Image.new("RGB", (size, size), tuple(int(c) for c in bg))
+        draw, r = ImageDraw.Draw(im), rng.uniform(0.2, 0.35) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        kind, color = rng.integers(3), tuple(int(c) for c in fg)
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif kind == 1:
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+        out[i], kinds[i] = np.asarray(im), kind
+    x = torch.from_numpy(out).permute(0, 3, 1, 2)
+    x = x if channels == 3 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
+    return Labelled(x, torch.from_numpy(kinds), list(DEMO_CLASSES))
+
+
+def demo_shapes(n=2048, size=32, channels=3, seed=0):
+    """The images of demo_images alone."""
+    return demo_images(n, size, channels, seed).images
+
+# ----------------------------------------------------------------------------------------------
+# images to edit and their masks
+
+MASKS = ("lower-half", "upper-half", "left-half", "right-half", "center", "random")  # white (true): fill in
+
+
+def image_files(path):
+    """(files, their names relative to path without the extension) of an image file or a folder of them."""
+    path = Path(path)
+    if path.is_file():
+        return [path], [path.stem]
+    files = list_images(path)
+    if not files:
+        raise UserError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files, [str(f.relative_to(path).with_suffix("")) for f in files]
+
+
+def _fitted(path, size, mode, what):
+    a = decoded(path, lambda im: (fit_image(im, size, mode), im.size, im.mode))
+    if a is None or isinstance(a, str):
+        raise UserError(f"{path}: cannot read this {what} ({'too large' if a else 'not an image Pillow decodes'})")
+    return a
+
+
+def read_edit_images(path, size, channels):
+    """The images to edit, fitted as the training data: (float [N, C, size, size] in [-1, 1], names, sizes).
+    A colour image for a grey run is refused: converting it would edit another image than the one given."""
+    files, names = image_files(path)
+    images, sizes = [], []
+    for f in files:
+        a, wh, mode = _fitted(f, size, "RGB", "image")
+        if channels == 1 and not ((a[0] == a[1]).all() and (a[1] == a[2]).all()):
+            raise UserError(f"{f}: a colour image ({mode}), and the run is grey (1 channel); convert it first")
+        images.append(a[:1] if channels == 1 else a)
+        sizes.append(wh)
+    return torch.from_numpy(np.stack(images)).float() / 127.5 - 1, names, sizes
+
+
+def builtin_mask(name, size, seed=0):
+    """A mask [1, size, size], true where the model fills in: a half, the centre square of half the side,
+    or random pixels (half of them, from seed)."""
+    m, h = torch.zeros(1, size, size, dtype=torch.bool), size // 2
+    if name == "random":
+        return torch.rand(1, size, size, generator=torch.Generator().manual_seed(seed)) < 0.5
+    region = {"lower-half": (slice(h, None), slice(None)), "upper-half": (slice(None, h), slice(None)),
+              "left-half": (slice(None), slice(None, h)), "right-half": (slice(None), slice(h, None)),
+              "center": (slice(size // 4, size // 4 + h), slice(size // 4, size // 4 + h))}[name]
+    m[(slice(None), *region)] = True
+    return m
+
+
+def read_masks(spec, image_path, names, sizes, size):
+    """The masks of the images to edit, true (white) where the model fills in, as bool [N, 1, size, size]:
+    a built-in name (MASKS), one mask file for every image, or a folder with a mask for each image at the
+    same relative name. Each file is fitted as its image (same aspect ratio needed) and thresholded at half
+    grey; a mask that fills nothing, or everything, is refused."""
+    if spec in MASKS:
+        masks = [builtin_mask(spec, size, i) for i in range(len(names))]
+        return torch.stack(masks)
+    path = Path(spec)
+    if path.is_dir():
+        found = {n: f for f, n in zip(*image_files(path))}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise UserError(f"--mask {spec}: no mask for {missing[0]} of {image_path} ({len(missing)} missing)")
+        files = [found[n] for n in names]
+    elif path.is_file():
+        files = [path] * len(names)
+    else:
+        raise UserError(f"--mask {spec}: no such file or folder, and not one of {', '.join(MASKS)}")
+    masks = []
+    for f, n, (w, h) in zip(files, names, sizes):
+        a, (mw, mh), _ = _fitted(f, size, "L", "mask")
+        if abs(mw / mh - w / h) > 0.01 * w / h:
+            raise UserError(f"{f}: a mask of {mw}x{mh} does not fit the image {n} of {w}x{h} (another shape)")
+        m = torch.from_numpy(a.copy()) >= 128
+        if not m.any() or m.all():
+            raise UserError(f"{f}: the mask is all {'black: nothing to fill in' if not m.any() else 'white: nothing is kept'}"
+                            f" (white marks what to fill in)")
+        masks.append(m)
+    return torch.stack(masks)
+
+
+def frequency_labels(counts, n, seed):
+    """n class labels drawn with the frequencies `counts` (a class-conditional run's data), from a generator
+    seeded with seed: the same on every process, so that each can take its share."""
+    weights = torch.tensor(counts, dtype=torch.float64)
+    return torch.multinomial(weights, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict of a run folder or a ckpt.pt, with weights_only=True (loading never runs code);
+    UserError, in words that do not pass on torch's advice to load unsafely, when it is not one."""
+    path = Path(path)
+    path = path / "ckpt.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        if not zipfile.is_zipfile(path):
+            why = "not a torch checkpoint: the file is damaged, truncated or of another kind"
+        elif "weights only" in str(e).lower():
+            why = "a torch file holding Python objects that a safe load refuses: not a checkpoint of train.py"
+        else:
+            why = f"a damaged torch checkpoint ({type(e).__name__}); a complete one is rewritten at every save"
+        raise UserError(f"{path}: {why}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path}: not a checkpoint of train.py (no configuration in it)")
+    return ckpt
+
+
+def _built(path, build):
+    try:
+        return build()
+    except Exception as e:
+        raise UserError(f"{Path(path)}: not a checkpoint of this version of train.py "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """(checkpoint dict, model, EMA, process) of a run, for training on: built from the configuration inside."""
+    ckpt = read_checkpoint(path, device)
+
+    def build():
+        cfg = ckpt["config"]
+        model = ddpm.UNet(**cfg["model"]).to(device)
+        model.load_state_dict(ckpt["model"])
+        ema = ddpm.EMA(model, cfg["ema_decay"])
+        ema.load_state_dict(ckpt["ema"])
+        return ckpt, model, ema, ddpm.make_process(cfg).to(device)
+    return _built(path, build)
+
+
+def load_run(path, device="cpu", ema=True):
+    """(checkpoint dict, eps model, process) of a run, for sampling: ddpm.load with the EMA or raw weights."""
+    ckpt = read_checkpoint(path, device)
+    return (ckpt, *_built(path, lambda: ddpm.load(ckpt, ema, device))[:2])
