@@ -166,14 +166,28 @@ def solver_errors(diffusion, model, x_T, nfes, spacings):
 SOLVER_SPACINGS = ("linspace", "trailing", "lambda")  # the default, the one before it, even in lambda
 
 
+def oracle_std_errors(diffusion, x_T, nfes, spacings):
+    """std(x_0) - 0.5 for the exact predictor of x0 ~ N(0.3, 0.5^2): DDIM, DPM-Solver++(2M) and its SDE form
+    (eta = 1) at each number of model calls and spacing; clip_x0 off."""
+    model, rows = gaussian_eps(diffusion), []
+    for spacing in spacings:
+        for name, kw in (("ddim", None), ("dpm++2M", dict(eta=0.0)), ("sde-dpm++2M", dict(eta=1.0))):
+            run = (lambda k: diffusion.ddim_sample(model, x_T=x_T, steps=k, clip_x0=False, spacing=spacing)) if kw is None \
+                else (lambda k: diffusion.dpm_solver_sample(model, x_T=x_T, steps=k, clip_x0=False, spacing=spacing,
+                                                            generator=torch.Generator(x_T.device).manual_seed(1), **kw))
+            rows.append({"sampler": name, "spacing": spacing, **{str(k): round(run(k).std().item() - 0.5, 4) for k in nfes}})
+    return rows
+
+
 def bench_solvers(args, device):
-    """Issue 9's table: the exact Gaussian predictor (linear and cosine, T = 1000) and a trained run."""
-    nfes, g = (5, 10, 20, 30, 50), torch.Generator(device).manual_seed(0)
+    """docs/samplers.md's tables: the exact Gaussian predictor (linear and cosine, T = 1000) and a trained run."""
+    nfes, g = (5, 10, 20, 30, 50), torch.Generator(device).manual_seed(0)  # a superset of the oracle's calls
     out = {}
     for schedule in ("linear", "cosine"):
         d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000)).to(device)
         x_T = torch.randn(4096, 1, 4, 4, generator=g, device=device)
         out[f"gaussian_{schedule}"] = solver_errors(d, gaussian_eps(d), x_T, nfes, SOLVER_SPACINGS)
+        out[f"gaussian_std_{schedule}"] = oracle_std_errors(d, x_T, (5, 10, 20), SOLVER_SPACINGS)
     ckpt, net, d = cli.load_run(args.solvers, device)
     c, s = ckpt["config"]["model"]["in_channels"], ckpt["config"]["model"]["image_size"]
     x_T = torch.randn(args.solver_n, c, s, s, generator=g, device=device)
@@ -188,9 +202,11 @@ def bench_solvers(args, device):
         if name == "s_per_image":
             print("s/image (batch %d): " % batch.shape[0] + ", ".join(f"{k} {v}" for k, v in rows.items()))
             continue
-        print(f"{name}: RMSE per pixel against DDIM-{d.T if name == 'trained' else 1000} at NFE " + " / ".join(map(str, nfes)))
+        calls = [k for k in nfes if str(k) in rows[0]]
+        what = "std - 0.5" if "std" in name else f"RMSE per pixel against DDIM-{d.T if name == 'trained' else 1000}"
+        print(f"{name}: {what} at NFE " + " / ".join(map(str, calls)))
         for r in rows:
-            print(f"  {r['sampler']:8s} {r['spacing']:9s} " + "  ".join(f"{r[str(k)]:.4f}" for k in nfes))
+            print(f"  {r['sampler']:11s} {r['spacing']:9s} " + "  ".join(f"{r[str(k)]:+.4f}" for k in calls))
     return out
 
 

@@ -8,6 +8,7 @@ Of the project's files it imports ddpm.py alone.
 """
 import concurrent.futures
 import datetime
+import errno
 import functools
 import gzip
 import math
@@ -177,6 +178,41 @@ class Processes:
         if self.world > 1:
             dist.barrier()
 
+class FolderLock:
+    """A folder claimed by one process: the file .lock in it, created exclusively, holds the pid. A second
+    claimant gets UserError while that process lives; a lock whose process is gone (killed) is taken over."""
+
+    def __init__(self, folder, what):
+        self.path = Path(folder) / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self.holder() is not None:
+                    raise UserError(f"{folder}: in use by another {what} (process {self.holder()}); wait for it, "
+                                    "or choose another folder") from None
+                self.path.unlink(missing_ok=True)  # its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return
+        raise UserError(f"{folder}: could not take its lock file {self.path.name}")
+
+    def holder(self):
+        """The pid that holds the lock, if that process still runs."""
+        try:
+            pid = int(self.path.read_text())
+            os.kill(pid, 0)
+        except PermissionError:  # alive, another user's
+            return pid
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def release(self):
+        if self.holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
 # ----------------------------------------------------------------------------------------------
 # files: atomic writes and images
 
@@ -192,6 +228,22 @@ def atomic_write(path, write):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def append_whole(path, data):
+    """Append bytes to path whole or not at all: a failed or short write (a full disk) is cut back, so a
+    log stays readable."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
 
 
 def image_format(path):
@@ -357,8 +409,9 @@ def describe_skipped(skipped):
 
 
 def fit_image(im, size, mode):
-    """PIL image -> uint8 array [C, size, size]: short side resized (bicubic), centre crop."""
-    a = np.asarray(ImageOps.fit(to_8bit(im).convert(mode), (size, size), Image.BICUBIC))
+    """PIL image -> uint8 array [C, size, size]: turned upright by its EXIF orientation, short side resized
+    (bicubic), centre crop."""
+    a = np.asarray(ImageOps.fit(to_8bit(ImageOps.exif_transpose(im)).convert(mode), (size, size), Image.BICUBIC))
     return a.reshape(size, size, -1).transpose(2, 0, 1)
 
 
@@ -553,7 +606,7 @@ def image_files(path):
 
 
 def _fitted(path, size, mode, what):
-    a = decoded(path, lambda im: (fit_image(im, size, mode), im.size, im.mode))
+    a = decoded(path, lambda im: (fit_image(im, size, mode), ImageOps.exif_transpose(im).size, im.mode))
     if a is None or isinstance(a, str):
         raise UserError(f"{path}: cannot read this {what} ({'too large' if a else 'not an image Pillow decodes'})")
     return a

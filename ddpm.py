@@ -796,7 +796,7 @@ class ScoreSDE(nn.Module):
         norm = lambda v: v.flatten(1).norm(dim=1).mean()
 
         def corrector(x, k, *_):
-            for _ in range(corrector_steps if k < steps else 0):
+            for _ in range(corrector_steps if k < len(times) else 0):
                 score, z = -model(x, t[k].expand(x.shape[0])) / sigma_k[k], randn(x.shape, generator, x.device)
                 step = 2 * lang[k] * (snr * norm(z) / norm(score)) ** 2
                 x = x + step * score + (2 * step).sqrt() * z
@@ -809,27 +809,23 @@ class ScoreSDE(nn.Module):
 
     @torch.inference_mode()
     def ddim_invert(self, model, x0, steps=50, refine=2, progress=None, spacing=None, start=None):
-        """DDIM inversion: the deterministic (eta = 0) DDIM step solved for its input, run x_0 -> x_T on
-        ddim_sample's grid for the same steps and spacing.
-
-        The step from grid point k to the next point (alpha', sigma') towards the data, clean at the end, is
-        x = alpha_k / alpha' (x' - sigma' eps) + sigma_k eps, first with eps taken at (x', t') (the classic
-        inversion of Song et al.: refine=0), then `refine` fixed-point iterations with eps at (x, t_k), the
-        point the sampler will see. Each costs one model call and shrinks the round-trip error of
-        ddim_sample(..., clip_x0=False) about tenfold.
-        """
+        """DDIM inversion: the deterministic DDIM step solved for its input, x_0 -> x_T (or x at start) on
+        ddim_sample's grid. The step from point k to the next point (alpha', sigma') towards the data is
+        x = alpha_k / alpha' (x' - sigma' eps) + sigma_k eps: first with eps at (x', t') (Song et al.'s
+        inversion: refine=0), then `refine` fixed-point iterations with eps at (x, t_k), the point the
+        sampler will see; each costs a model call and cuts the round-trip error about tenfold."""
         times = self.time_grid(steps, spacing, start).flip(0)  # from the data end up
         alpha, sigma = (v.flip(0) for v in self._grid(times.flip(0)))  # [clean, t_0 (data end), ..., noise end]
         c_prev, s_prev, s = (v.float().to(self.device) for v in (alpha[1:] / alpha[:-1], sigma[:-1], sigma[1:]))
         t = self.model_time(times).to(self.device)
         x = x0.to(self.device, torch.float32)
-        for k in range(steps):
+        for k in range(len(times)):
             x_prev = x
             for j in range(refine + 1):
                 eps = model(x, t[max(k - 1, 0) if j == 0 else k].expand(x.shape[0]))
                 x = c_prev[k] * (x_prev - s_prev[k] * eps) + s[k] * eps
             if progress:
-                progress(k + 1, steps)
+                progress(k + 1, len(times))
         return x
 
     def dpm_solver_coefficients(self, times, order, eta=0.0):

@@ -1,4 +1,4 @@
-"""fid.py: FID with pytorch-fid's numbers; Inception Score, KID and precision/recall with torch-fidelity's.
+"""fid.py: FID with pytorch-fid's numbers; Inception Score and KID with torch-fidelity's; precision and recall.
 
 FID (Heusel et al. 2017) compares the mean and covariance of Inception-v3 pool3 features of two
 image sets. The network is the TensorFlow 2015-12-05 Inception graph as ported by pytorch-fid,
@@ -7,14 +7,15 @@ once by torch.hub into its cache). FID's preprocessing is pytorch-fid's: RGB in 
 replicated), bilinear resize to 299x299 on floats (align_corners=False, no antialias), scaled to
 [-1, 1]. The Inception Score (Salimans et al. 2016) feeds the network as torch-fidelity does:
 TensorFlow 1's bilinear resize (no half-pixel offset) on [0, 255], then (x - 128) / 128, and takes
-the 1008-way logits without the fc bias. KID (Binkowski et al. 2018) and precision/recall
-(Kynkaanniemi et al. 2019) use pool3 features with torch-fidelity's definitions and defaults.
+the 1008-way logits without the fc bias. KID (Binkowski et al. 2018) takes pool3 features on that same
+input path, as torch-fidelity does; precision/recall (Kynkaanniemi et al. 2019) takes pool3 features on
+FID's input path, with torch-fidelity's definition and defaults but not its VGG-16 features.
 
     python fid.py real/ generated/                      # FID of two image folders
     python fid.py --save-stats real/ real.npz           # save mu and sigma (pytorch-fid's format)
     python fid.py real.npz generated/                   # FID against saved statistics
     python fid.py --isc generated/                      # Inception Score, mean and std over splits
-    python fid.py --kid real/ generated/                # FID, then KID (torch-fidelity's subsets)
+    python fid.py --kid real/ generated/                # FID, then KID (torch-fidelity's input path and subsets)
     python fid.py --prc real/ generated/                # FID, then precision and recall (k = 3)
     torchrun --nproc_per_node 4 fid.py real/ generated/ # each process embeds a quarter of the images
 """
@@ -499,8 +500,10 @@ def run(args, procs):
         print(f"saved {args.save_stats[1]}", file=sys.stderr)
         return
     print(f"FID: {checked_fid(*stats[0], *stats[1]):.4f}")
-    if args.kid:
-        mean, std = kernel_inception_distance(acts[0][0], acts[1][0], args.kid_subsets, args.kid_subset_size)
+    if args.kid:  # on torch-fidelity's input path for it, the Inception Score's
+        feats = [folder_activations(x, model, args.batch_size, args.num_workers, quiet=True, isc_input=True)[0]
+                 for x in inputs]
+        mean, std = kernel_inception_distance(*feats, args.kid_subsets, args.kid_subset_size)
         print(f"KID: {mean:.6f} +- {std:.6f}")
     if args.prc:
         precision, recall = precision_recall(acts[0][0], acts[1][0], args.prc_k)

@@ -238,46 +238,58 @@ def edit_batch(args, process, net, cfg, x0, keep, gens, labels):
     if args.strength_now == 1:  # the image forgotten: plain sampling from the prior
         return sample_batch(args, process, model, x0.shape, None, gens, False, None)[0]
     t0 = torch.full((len(x0),), edit_start(args, process), device=x0.device)
-    if args.edit_by == "inversion":  # DDIM-invert to t_0, then decode deterministically
-        steps, args.sampler, args.eta = args.steps or STEPS["ddim"], "ddim", 0.0
-        x_t = process.ddim_invert(model, x0, steps=steps, spacing=args.spacing, start=t0[0].item())
+    if args.edit_by == "inversion":  # DDIM-invert to t_0, then decode with deterministic DDIM (check_modes)
+        x_t = process.ddim_invert(model, x0, steps=args.steps or STEPS["ddim"], spacing=args.spacing,
+                                  start=t0[0].item())
     else:
         x_t = process.q_sample(x0, t0 if t0.is_floating_point() else t0.long(), ddpm.randn(x0.shape, gens, x0.device))
     return sample_batch(args, process, model, x0.shape, x_t, gens, False, None)[0]
 
 
-def edit(args, process, net, cfg):
-    """--inpaint or --edit: --n results for each input image, written as OUT/<input's name>_<k>.png (for each
-    --strength, _s<strength>_<k>), and a grid of rows: the input, the masked input, the results."""
-    m, device = cfg["model"], process.device
-    source = args.inpaint or args.edit
+def read_edits(args, cfg):
+    """The images to edit (float [N, C, H, W]), their names and, for --inpaint, the known pixels (bool
+    [N, 1, H, W]): read and checked once, before anything is sampled or said."""
+    m, source = cfg["model"], args.inpaint or args.edit
     x0, names, sizes = cli.read_edit_images(source, m["image_size"], m["in_channels"])
     keep = ~cli.read_masks(args.mask, source, names, sizes, m["image_size"]) if args.inpaint else None
+    return x0, names, keep
+
+
+def edit(args, process, net, cfg, edits):
+    """--inpaint or --edit: --n results for each input image, in batches of --batch-size, written as
+    OUT/<input's name>_<k>.png (for each --strength, _s<strength>_<k>); and a grid with a row for each of
+    the first 16 inputs: the input, the masked input, the results. Result k of image i is drawn with the
+    generator of sample i * n + k."""
+    device, (x0, names, keep) = process.device, edits
     strengths = [None] if args.inpaint else args.strength
     labels = None if args.classes is None else torch.tensor(args.classes * len(x0))[:len(x0)]
-    rows = []
-    for i, (image, name) in enumerate(zip(x0, names)):
-        x = image[None].expand(args.n, -1, -1, -1).to(device)
-        kept = None if keep is None else keep[i:i + 1].to(device)
-        row = [image[None]] + ([image[None] * kept.cpu()] if kept is not None else [])
-        for s in strengths:
-            args.strength_now, args.start = s, (None if s is None else edit_start(args, process))
-            gens = ddpm.sample_generators(args.seed, range(i * args.n, (i + 1) * args.n), device)
-            y = None if labels is None else labels[i:i + 1].expand(args.n)
-            out = edit_batch(args, process, net, cfg, x, kept, gens, y).cpu()
-            row.append(out)
-            tag = "" if s is None else f"_s{s:g}"
-            for k, im in enumerate(cli.to_uint8(out)) if args.out else ():
-                target = Path(args.out) / f"{name}{tag}_{k}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                cli.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), target)
-        rows.append(torch.cat(row))
-        print(f"{'inpainted' if args.inpaint else 'edited'} {i + 1}/{len(x0)}: {name}", file=sys.stderr)
-    nrow = 1 + (keep is not None) + args.n * len(strengths)
-    cli.save_grid(torch.cat(rows[:GRID_COLUMNS]), args.grid, nrow=nrow)
+    items = [(i, k) for i in range(len(x0)) for k in range(args.n)]
+    results = {}  # image index -> its results, for the grid
+    for s in strengths:
+        args.strength_now = s
+        args.start = None if s is None else edit_start(args, process)
+        for b in range(0, len(items), args.batch_size):
+            chunk = items[b:b + args.batch_size]
+            rows = torch.tensor([i for i, _ in chunk])
+            gens = ddpm.sample_generators(args.seed, [i * args.n + k for i, k in chunk], device)
+            out = edit_batch(args, process, net, cfg, x0[rows].to(device), None if keep is None else
+                             keep[rows].to(device), gens, None if labels is None else labels[rows]).cpu()
+            for (i, k), image, im in zip(chunk, out, cli.to_uint8(out)):
+                if i < GRID_COLUMNS:
+                    results.setdefault(i, []).append(image[None])
+                if args.out:
+                    target = Path(args.out) / f"{names[i]}{'' if s is None else f'_s{s:g}'}_{k}.png"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    cli.save_image(im.permute(1, 2, 0).squeeze(2).numpy(), target)
+            print(f"{'inpainted' if args.inpaint else 'edited'} {min(b + args.batch_size, len(items))}/{len(items)}"
+                  + ("" if s is None else f" at strength {s:g}"), file=sys.stderr)
+    grid = [torch.cat([x0[i:i + 1], *([x0[i:i + 1] * keep[i]] if keep is not None else []), *results[i]])
+            for i in sorted(results)]
+    cli.save_grid(torch.cat(grid), args.grid, nrow=1 + (keep is not None) + args.n * len(strengths))
     what = "the masked input and the results" if args.inpaint else f"the results at strength {args.strength}"
     print(f"wrote {args.grid}: each row the input, {what}"
-          + (f"; {len(x0) * args.n * len(strengths)} PNGs to {args.out}" if args.out else ""), file=sys.stderr)
+          + (f"; {len(items) * len(strengths)} PNGs to {args.out}" if args.out else ""), file=sys.stderr)
+
 
 # ----------------------------------------------------------------------------------------------
 # likelihoods and memorisation
@@ -397,7 +409,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--batch-size", type=int, default=128)
     a("--grid", help="the output picture; None: MODE.png (samples, inpaint, edit, forward, interpolate, invert) in "
-                     "--out, else in the run's folder")
+                     "the run's folder")
     a("--out", metavar="FOLDER", help="also write one PNG per image here (a new or empty folder, or one of ours)")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -421,11 +433,11 @@ MODES = ("inpaint", "edit", "forward", "interpolate", "invert")
 
 
 def check_outputs(args):
-    """Where the pictures go (--grid and --nearest-grid default to the --out folder, else the run's), and
-    that nothing of the user's is written over: one line, before any sampling."""
+    """Where the pictures go (--grid and --nearest-grid default to the run's folder: --out holds the images
+    alone, ready for FID), and that nothing of the user's is written over: one line, before any sampling."""
     mode = next((m for m in MODES if getattr(args, m)), "samples")
     run = Path(args.run)
-    home = Path(args.out) if args.out else run if run.is_dir() else run.parent
+    home = run if run.is_dir() else run.parent
     args.grid = args.grid or str(home / f"{mode}.png")
     args.nearest_grid = args.nearest_grid or str(Path(args.grid).with_name("nearest.png"))
     if args.out:
@@ -482,6 +494,8 @@ def check_modes(args, process):
         raise UserError("--resample (RePaint) resamples the ancestral sampler: --inpaint with --sampler ddpm")
     if args.resample:
         args.steps = args.steps or REPAINT_STEPS
+    if args.edit and args.edit_by == "inversion":
+        args.sampler, args.eta = "ddim", 0.0
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):
         raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a VE run: use --nll")
     if args.spacing and args.spacing not in process.spacings:
@@ -518,6 +532,7 @@ def run(args, procs):
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     check_args(args, process, cfg)
+    edits = read_edits(args, cfg) if args.inpaint or args.edit else None
     if procs.main:
         print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
               f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
@@ -537,8 +552,8 @@ def run(args, procs):
         forward_process(args, process, cfg)
     elif args.invert:
         invert_and_mix(args, process, net, cfg)
-    elif args.inpaint or args.edit:
-        edit(args, process, net, cfg)
+    elif edits is not None:
+        edit(args, process, net, cfg, edits)
     else:
         sample_and_write(args, process, net, cfg, procs, inception, ref, nearest)
 

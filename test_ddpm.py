@@ -4,6 +4,7 @@ Run:  python -m pytest -q test_ddpm.py
 Most diffusion checks use data x0 ~ N(mu, sd^2 I), whose noise predictor E[eps | x_t] is known in
 closed form, so the samplers can be checked against exact statistics with no training.
 """
+import ast
 import csv
 import gzip
 import json
@@ -683,11 +684,187 @@ def test_sample_generators_depend_on_the_seed_and_keep_seed_0():
     assert not torch.equal(noise(0, 7), noise(1, 7)) and not torch.equal(noise(1, 7), noise(2, 7))
 
 # ----------------------------------------------------------------------------------------------
+# classifier-free guidance
+
+MEANS = torch.tensor([-0.4, 0.1, 0.6, 0.2])  # three classes' data N(mu_c, SD^2), and the null class's N(mu_u, SD^2)
+
+
+def class_oracle(process, means=MEANS, sd=SD):
+    """The exact predictor of class y's data N(means[y], sd^2 I), the last row the unconditional model."""
+    def model(x, t, y):
+        a, s = (v.reshape(-1, 1, 1, 1) for v in process.marginal_at(t))
+        mu = means.to(x.device)[y].reshape(-1, 1, 1, 1)
+        return s * (x - a * mu) / (a ** 2 * sd ** 2 + s ** 2)
+    return model
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_guidance_of_gaussians_is_the_gaussian_of_the_guided_mean(process, sampler):
+    """eps(x, null) + s (eps(x, y) - eps(x, null)) is the exact predictor of N(mu_y + (s - 1)(mu_y - mu_u), SD^2):
+    every sampler on both processes gives what it gives for that Gaussian."""
+    p = PROCESSES[process]()
+    y = torch.tensor([0, 1, 2, 0] * 256)
+    x_T = p.prior_std * torch.randn(1024, 1, 4, 4, generator=gen(2))
+    for scale in (0.0, 1.0, 2.5):
+        guided_means = torch.cat([MEANS[:3] + (scale - 1) * (MEANS[:3] - MEANS[3]), MEANS[3:]])
+        target = lambda x, t: class_oracle(p, guided_means)(x, t, y)
+        a = SAMPLERS[sampler](p, ddpm.Guided(class_oracle(p), y, scale, null=3), x_T, 10, gen(3))
+        b = SAMPLERS[sampler](p, target, x_T, 10, gen(3))
+        assert torch.allclose(a, b, atol=2e-5), (scale, (a - b).abs().max())
+
+
+def test_guided_sampling_gives_the_guided_mean_and_the_data_std():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    for c, scale in ((0, 3.0), (2, 0.5)):
+        y = torch.full((4096,), c)
+        x = d.ddpm_sample(ddpm.Guided(class_oracle(d), y, scale, null=3), (4096, 1, 4, 4), clip_x0=False,
+                          generator=gen(c))
+        assert x.mean().item() == pytest.approx((MEANS[c] + (scale - 1) * (MEANS[c] - MEANS[3])).item(), abs=0.01)
+        assert x.std().item() == pytest.approx(SD, rel=0.02)
+
+
+def test_guidance_of_a_network_is_one_batched_call_and_exact_at_zero_and_one():
+    net = perturbed_unet(in_channels=1, num_classes=3)
+    x, t, y = torch.randn(4, 1, 16, 16, generator=gen()), torch.tensor([3, 50, 500, 999]), torch.tensor([0, 1, 2, 1])
+    calls = []
+    counting = lambda *a: calls.append(a[0].shape[0]) or net(*a)
+    with torch.inference_mode():
+        cond, uncond = net(x, t, y), net(x, t, None)
+        assert torch.equal(uncond, net(x, t, torch.full((4,), 3)))  # no label: the null class, index num_classes
+        assert torch.equal(ddpm.Guided(net, y, 1.0, 3)(x, t), cond)  # s = 1: the conditional model, bit for bit
+        assert torch.equal(ddpm.Guided(net, y, 0.0, 3)(x, t), uncond)  # s = 0: the unconditional one
+        guided = ddpm.Guided(counting, y, 2.0, 3)(x, t)
+        assert calls == [8]  # both halves in one call of the doubled batch
+        assert torch.allclose(guided, uncond + 2.0 * (cond - uncond), atol=1e-5)
+        assert not torch.allclose(cond, uncond)
+    with pytest.raises(ValueError, match="without num_classes"):
+        perturbed_unet(in_channels=1)(x, t, y)
+
+
+def test_label_dropout_replaces_the_share_p_by_the_null_class():
+    y = torch.randint(0, 10, (200_000,), generator=gen())
+    dropped = ddpm.drop_labels(y, 0.1, 10, gen(1))
+    null = dropped == 10
+    assert abs(null.double().mean().item() - 0.1) < 4 * math.sqrt(0.1 * 0.9 / len(y))  # within 4 sigma
+    assert torch.equal(dropped[~null], y[~null])  # the others untouched
+    assert torch.equal(ddpm.drop_labels(y, 0.0, 10, gen(1)), y)
+
+
+def test_conditional_ddim_inversion_round_trips():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    y = torch.tensor([0, 2] * 32)
+    model = ddpm.Guided(class_oracle(d), y, 2.0, null=3)
+    x0 = MEANS[y].reshape(-1, 1, 1, 1) + SD * torch.randn(64, 1, 4, 4, generator=gen())
+    x_T = d.ddim_invert(model, x0, steps=50)
+    assert (d.ddim_sample(model, x_T=x_T, steps=50, clip_x0=False) - x0).abs().max() < 2e-3
+
+# ----------------------------------------------------------------------------------------------
+# inpainting (replacement, RePaint) and SDEdit on Gaussian data, whose conditionals are known
+
+CORR_MU, CORR_COV = torch.tensor([0.2, -0.1], dtype=torch.float64), torch.tensor([[0.25, 0.2], [0.2, 0.25]],
+                                                                                 dtype=torch.float64)
+
+
+def correlated_oracle(process, mu=CORR_MU, cov=CORR_COV):
+    """The exact predictor for two correlated pixels x0 ~ N(mu, cov), images [B, 1, 1, 2]: x0_hat = mu + alpha
+    cov (alpha^2 cov + sigma^2 I)^-1 (x_t - alpha mu), linear in x_t."""
+    def model(x, t):
+        a, s = (v.double() for v in process.marginal_at(t))
+        flat = x.double().reshape(-1, 2)
+        A = a[:, None, None] ** 2 * cov + s[:, None, None] ** 2 * torch.eye(2, dtype=torch.float64)
+        x0 = mu + a[:, None] * (cov @ torch.linalg.solve(A, (flat - a[:, None] * mu)[..., None]))[..., 0]
+        return ((flat - a[:, None] * x0) / s[:, None]).float().reshape(x.shape)
+    return model
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_inpainting_keeps_the_known_pixels_exactly_with_every_sampler(process):
+    p = PROCESSES[process]()
+    x0 = torch.tensor([0.7, 0.0]).reshape(1, 1, 1, 2).expand(64, 1, 1, 2)
+    keep = torch.tensor([True, False]).reshape(1, 1, 1, 2)
+    for name, run in (("ddpm", p.ddpm_sample), ("ddim", p.ddim_sample), ("dpm++", p.dpm_solver_sample),
+                      ("em", p.sde_sample)):
+        g = gen(1)
+        x = run(correlated_oracle(p), (64, 1, 1, 2), steps=20, generator=g, hook=ddpm.Replace(x0, keep, g))
+        assert torch.equal(x[:, 0, 0, 0], x0[:, 0, 0, 0]), name
+        assert x[:, 0, 0, 1].std() > 0.1, name  # the unknown pixel is sampled
+
+
+def test_inpainting_samples_the_gaussian_conditional_and_repaint_closes_the_gap():
+    """Pixel 2 given pixel 1 = v must follow N(mu_2 + S_21 / S_11 (v - mu_1), S_22 - S_21^2 / S_11). Replacement
+    alone conditions the unknown pixel too weakly; RePaint's resampling harmonises it, more with each pass."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    v = 0.7
+    mean = (CORR_MU[1] + CORR_COV[1, 0] / CORR_COV[0, 0] * (v - CORR_MU[0])).item()
+    std = (CORR_COV[1, 1] - CORR_COV[1, 0] ** 2 / CORR_COV[0, 0]).sqrt().item()
+    x0, keep = torch.tensor([v, 0.0]).reshape(1, 1, 1, 2).expand(4096, 1, 1, 2), torch.tensor([True, False])
+    errors = []
+    for resample in (1, 2, 10):
+        g = gen(0)
+        x = d.ddpm_sample(correlated_oracle(d), (4096, 1, 1, 2), steps=200, clip_x0=False, generator=g,
+                          hook=ddpm.Replace(x0, keep.reshape(1, 1, 1, 2), g), path=ddpm.repaint_path(200, 10, resample))
+        errors.append(abs(x[:, 0, 0, 1].mean().item() - mean) + abs(x[:, 0, 0, 1].std().item() - std))
+    assert errors[0] > 0.15 and errors[0] > errors[1] > errors[2] and errors[2] < errors[0] / 4, errors
+
+
+def test_repaint_schedule_and_its_model_calls():
+    path = ddpm.repaint_path(250, jump=10, resample=10)
+    assert sum(j > i for i, j in zip(path, path[1:])) == 2410  # Lugmayr et al.'s 250 steps, j = 10, r = 10
+    assert path[0] == 0 and path[-1] == 250 and all(abs(j - i) in (1, 10) for i, j in zip(path, path[1:]))
+    assert ddpm.repaint_path(20, 5, 3) == [*range(11), *range(5, 11), *range(5, 16), *range(10, 16), *range(10, 21),
+                                           *range(15, 21), *range(15, 21)]  # jumps at t = 10, 5 and 0 left
+    assert ddpm.repaint_path(7, 10, 5) == list(range(8))  # shorter than a jump: plain descent
+    calls = []
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
+    d.ddpm_sample(lambda x, t: calls.append(t[0].item()) or torch.zeros_like(x), (1, 1, 2, 2), steps=20,
+                  path=ddpm.repaint_path(20, 5, 3), generator=gen())
+    grid = d.time_grid(20).tolist()
+    assert calls == [grid[i] for i, j in zip(ddpm.repaint_path(20, 5, 3), ddpm.repaint_path(20, 5, 3)[1:]) if j > i]
+
+
+def test_sdedit_from_t0_samples_the_gaussian_closed_form():
+    """From x_t0 ~ q(x_t0 | x0) the ancestral sampler draws p(x0' | x_t0), so x0' | x0 ~ N(mu + a^2 S^2 / D (x0 - mu),
+    S^2 s^2 (D + a^2 S^2) / D^2) with D = a^2 S^2 + s^2 at t0; the deterministic sampler maps x_t0 affinely."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    x0 = torch.full((8192, 1, 2, 2), 1.2)
+    for strength in (0.2, 0.5):
+        t0 = round(strength * 999)
+        a, s = (v.item() for v in d.marginal_at(torch.tensor([t0])))
+        D = a ** 2 * SD ** 2 + s ** 2
+        x_t = d.q_sample(x0, torch.full((8192,), t0), torch.randn(x0.shape, generator=gen(1)))
+        x = d.ddpm_sample(gaussian_oracle(d), x_T=x_t, start=t0, clip_x0=False, generator=gen(2))
+        assert x.mean().item() == pytest.approx(MU + a ** 2 * SD ** 2 / D * (1.2 - MU), abs=0.01)
+        assert x.std().item() == pytest.approx(SD * s * math.sqrt(D + a ** 2 * SD ** 2) / D, rel=0.02)
+        ode = d.ddim_sample(gaussian_oracle(d), x_T=x_t, start=t0, steps=200, clip_x0=False)
+        assert ode.mean().item() == pytest.approx(MU + SD * a / math.sqrt(D) * (1.2 - MU), abs=0.01)
+        assert ode.std().item() == pytest.approx(SD * s / math.sqrt(D), rel=0.02)
+    grid = d.time_grid(10, start=500)
+    assert grid[0] == 500 and grid[-1] == 0 and (grid.diff() < 0).all()
+
+# ----------------------------------------------------------------------------------------------
 # DDPM's variational bound in bits/dim
 
 
 def eight_bit(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def test_discretised_gaussian_is_exact_in_both_tails():
+    """log P(bin) against scipy's float64 normal CDF (sf in the upper tail), with the mean up to 9 scales from
+    the bin on either side: a difference of float32 CDFs is 0 past -5.5 scales and 1 past +5.4, which read
+    log(1e-12) there, tens of nats off."""
+    from scipy.stats import norm
+    x = (torch.arange(1, 255, dtype=torch.float64) / 127.5 - 1).repeat_interleave(37)  # inner bins only
+    z = torch.linspace(-9, 9, 37, dtype=torch.float64).repeat(254)
+    scale = 0.02
+    got = ddpm.discretized_gaussian_log_likelihood(x.float(), (x - z * scale).float(),
+                                                   torch.full_like(x, math.log(scale)).float()).double().numpy()
+    lo, hi = z.numpy() - 1 / 255 / scale, z.numpy() + 1 / 255 / scale  # the bin in scales from the mean
+    with np.errstate(divide="ignore"):  # np.where evaluates both sides; the side taken is finite
+        ref = np.where(lo > 0, np.log(norm.sf(lo) - norm.sf(hi)), np.log(norm.cdf(hi) - norm.cdf(lo)))
+    assert np.isfinite(ref).all() and ref.min() < -40  # the reference reaches 9 scales out
+    assert np.abs(got - ref).max() < 1e-4
 
 
 def test_vlb_prior_term_is_the_closed_form_kl():
@@ -739,7 +916,10 @@ def test_timestep_embedding_is_sin_cos_of_geometric_frequencies():
 def test_presets_have_the_stated_sizes():
     sizes = {name: ddpm.count_params(ddpm.UNet(**cfg)) for name, cfg in ddpm.PRESETS.items()}
     assert sizes["cifar10"] == pytest.approx(35.7e6, rel=0.005)  # Ho et al.'s 35.7 M
-    assert 1e5 < sizes["tiny"] < 1e6
+    assert sizes["tiny"] == 280_755 and ddpm.count_params(ddpm.UNet(**ddpm.PRESETS["tiny"], in_channels=1)) == 280_177
+    # ten classes add an embedding of 11 rows (the null class last) of the time embedding's width, 64
+    tiny10 = ddpm.UNet(**ddpm.PRESETS["tiny"], in_channels=1, num_classes=10)
+    assert ddpm.count_params(tiny10) == 280_177 + 11 * 64 and tiny10.label_emb.weight.shape == (11, 64)
 
 
 @pytest.mark.parametrize("channels,size,norm,act", [(1, 28, "group", "silu"), (3, 32, "batch", "relu"),
@@ -806,38 +986,48 @@ def test_fresh_unet_predicts_zero_noise():
 
 
 def test_ema_is_an_exponential_moving_average():
-    model = torch.nn.Linear(3, 1)
-    ema = ddpm.EMA(model, decay=0.9)
-    w0 = model.weight.detach().clone()
-    expected = w0.clone()
-    for n in range(1, 30):
+    """Weights that jump from w0 to c at the first update: the shadow is c + (w0 - c) prod_n d_n with
+    d_n = min(decay, (1 + n) / (10 + n)), whose warm-up product is 10! (n + 1)! / (n + 10)! (it telescopes)."""
+    def closed_form(w0, c, decay, n):
+        warm = [k for k in range(1, n + 1) if (1 + k) / (10 + k) < decay]
+        log_prod = (math.lgamma(11) + math.lgamma(len(warm) + 2) - math.lgamma(len(warm) + 11)
+                    + (n - len(warm)) * math.log(decay))
+        return c + (w0 - c) * math.exp(log_prod)
+    for decay, n in ((0.9999, 50), (0.9, 120)):  # the warm-up alone; then the decay binds from update 80
+        model = torch.nn.Linear(3, 1, bias=False)
         with torch.no_grad():
-            model.weight.add_(1.0)
-        ema.update(model)
-        d = min(0.9, (1 + n) / (10 + n))
-        expected = d * expected + (1 - d) * model.weight.detach()
-    assert torch.allclose(ema.model.weight, expected)
-    other = ddpm.EMA(torch.nn.Linear(3, 1), decay=0.5)
+            model.weight.fill_(2.0)
+        ema = ddpm.EMA(model, decay=decay)
+        with torch.no_grad():
+            model.weight.fill_(-1.0)
+        for _ in range(n):
+            ema.update(model)
+        assert torch.allclose(ema.model.weight.double(), torch.full((1, 3), closed_form(2.0, -1.0, decay, n),
+                                                                     dtype=torch.float64), rtol=1e-5)
+    other = ddpm.EMA(torch.nn.Linear(3, 1, bias=False), decay=0.5)
     other.load_state_dict(ema.state_dict())
-    assert other.decay == 0.9 and other.num_updates == 29 and torch.equal(other.model.weight, ema.model.weight)
+    assert other.decay == 0.9 and other.num_updates == 120 and torch.equal(other.model.weight, ema.model.weight)
     ema.copy_to(model)
     assert torch.equal(model.weight, ema.model.weight)
 
 
-def test_ddpm_py_alone_imports_and_samples(tmp_path):
-    """ddpm.py copied into an empty folder needs nothing but torch."""
-    shutil.copy(ROOT / "ddpm.py", tmp_path)
-    code = ("import sys\n"
-            "sys.modules.update(numpy=None, PIL=None, scipy=None)  # importing any of them now fails\n"
-            "import ddpm, torch\n"
-            "m = ddpm.UNet(**ddpm.PRESETS['tiny']).eval()\n"
-            "d = ddpm.Diffusion(ddpm.make_betas('cosine', 50))\n"
-            "x = d.ddim_sample(m, (2, 3, 32, 32), steps=5)\n"
-            "print(tuple(x.shape))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+def run_ddpm_py_alone(folder, code):
+    """code run in a folder that holds a copy of ddpm.py and nothing else, where numpy, PIL and scipy cannot be
+    imported: its stdout."""
+    shutil.copy(ROOT / "ddpm.py", folder)
+    code = "import sys\nsys.modules.update(numpy=None, PIL=None, scipy=None)\nimport ddpm, torch\n" + code
+    out = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
                          env={"PATH": "", "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "(2, 3, 32, 32)"
+    return out.stdout
+
+
+def test_ddpm_py_alone_imports_and_samples(tmp_path):
+    """ddpm.py copied into an empty folder needs nothing but torch."""
+    out = run_ddpm_py_alone(tmp_path, "m = ddpm.UNet(**ddpm.PRESETS['tiny']).eval()\n"
+                                      "d = ddpm.Diffusion(ddpm.make_betas('cosine', 50))\n"
+                                      "print(tuple(d.ddim_sample(m, (2, 3, 32, 32), steps=5).shape))\n")
+    assert out.strip() == "(2, 3, 32, 32)"
 
 # ----------------------------------------------------------------------------------------------
 # fid.py: closed forms, the weights layout and loading path, the command line
@@ -1069,14 +1259,43 @@ def test_fid_command_line_kid(tmp_path, inception_weights, inception, capsys):
     assert fid.main([str(a), str(b), "--kid", "--weights", str(inception_weights), "--num-workers", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     fa, fb = (fid.folder_activations(p, inception, quiet=True)[0] for p in (a, b))
-    mean, std = fid.kernel_inception_distance(fa, fb)
+    ka, kb = (fid.folder_activations(p, inception, quiet=True, isc_input=True)[0] for p in (a, b))
+    mean, std = fid.kernel_inception_distance(ka, kb)  # KID on torch-fidelity's input path for it
     assert lines[0].startswith("FID: ") and lines[1] == f"KID: {mean:.6f} +- {std:.6f}"
+    assert f"{fid.kernel_inception_distance(fa, fb)[0]:.6f}" != f"{mean:.6f}"  # the FID path would differ
     fid.save_stats(tmp_path / "s.npz", np.ones(3), np.eye(3))
     assert fid.main([str(tmp_path / "s.npz"), str(b), "--kid", "--weights", str(inception_weights)]) == 1
     assert "statistics files hold no features" in capsys.readouterr().err
     assert fid.main([str(a), str(b), "--prc", "--prc-k", "2", "--weights", str(inception_weights), "--num-workers", "0"]) == 0
     precision, recall = fid.precision_recall(fa, fb, k=2)
     assert capsys.readouterr().out.strip().splitlines()[1:] == [f"precision: {precision:.4f}", f"recall: {recall:.4f}"]
+
+
+def torch_fidelity_inception(weights):
+    """torch-fidelity's FeatureExtractorInceptionV3 with the given weights, loaded from its file alone (the
+    package's __init__ needs torchvision); skips when torch-fidelity is not installed."""
+    import importlib.util
+    import types
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        pytest.skip("torch-fidelity is not installed (a reference for this machine, not a dependency)")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("torch_fidelity", package)
+    module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    return module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+
+
+def test_kid_features_of_images_are_torch_fidelitys(tmp_path, inception_weights, inception):
+    """On the published layout (random weights), the features KID uses are torch-fidelity's to float32
+    rounding (bit for bit in the contiguous layout; ours runs channels_last); FID's input path, pytorch-fid's,
+    gives other features (3% apart) and another KID."""
+    theirs = torch_fidelity_inception(inception_weights)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8))
+    with torch.inference_mode():
+        expected = theirs(images)[0].double().numpy()
+    assert np.allclose(fid.get_activations([images], inception, isc_input=True)[0], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fid.get_activations([images], inception)[0], expected, rtol=1e-2)
 
 
 def test_precision_recall_is_the_k_nearest_neighbour_manifold_test():
@@ -1167,19 +1386,13 @@ def test_training_run_folder_holds_everything(trained_run):
 def test_ddpm_load_in_a_copied_file_samples_what_the_run_samples(tmp_path, trained_run):
     """ddpm.py alone in an empty folder loads a checkpoint of train.py (model, EMA or raw weights, process,
     configuration) and draws the samples that the toolkit draws from it."""
-    shutil.copy(ROOT / "ddpm.py", tmp_path)
-    code = ("import sys\n"
-            "sys.modules.update(numpy=None, PIL=None, scipy=None)  # importing any of them now fails\n"
-            "import ddpm, torch\n"
-            f"for ema in (True, False):\n"
-            f"    model, process, cfg = ddpm.load({str(trained_run / 'ckpt.pt')!r}, ema=ema)\n"
-            "    x = process.dpm_solver_sample(model, (2, 3, 16, 16), steps=5, generator=ddpm.sample_generators(0, [0, 1]))\n"
-            "    torch.save(x, f'x{int(ema)}.pt')\n"
-            "print(type(process).__name__, cfg['T'], cfg['model']['image_size'])\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PATH": "", "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["Diffusion", "50", "16"]
+    out = run_ddpm_py_alone(tmp_path, "for ema in (True, False):\n"
+                            f"    model, process, cfg = ddpm.load({str(trained_run / 'ckpt.pt')!r}, ema=ema)\n"
+                            "    x = process.dpm_solver_sample(model, (2, 3, 16, 16), steps=5,\n"
+                            "                                  generator=ddpm.sample_generators(0, [0, 1]))\n"
+                            "    torch.save(x, f'x{int(ema)}.pt')\n"
+                            "print(type(process).__name__, cfg['T'], cfg['model']['image_size'])\n")
+    assert out.split() == ["Diffusion", "50", "16"]
     ckpt, model, ema, process = cli.load_checkpoint(trained_run)
     for weights, name in ((ema.model, "x1.pt"), (model, "x0.pt")):
         x = process.dpm_solver_sample(weights.eval(), (2, 3, 16, 16), steps=5, generator=ddpm.sample_generators(0, [0, 1]))
@@ -1237,7 +1450,10 @@ def test_batch_order_is_a_function_of_seed_and_step():
     assert torch.equal(train.batch_indices(20, 5, 6, seed=1)[0], train.batch_indices(20, 5, 6, seed=1)[0])
 
 
-def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path, stop):
+    """Ctrl-C, or SIGTERM (a job scheduler's stop) in one process, finishes the step, saves and exits:
+    status 0 for Ctrl-C, 1 with one line for SIGTERM."""
     data = mixed_folder(tmp_path / "data")
     common = ["--data", str(data), "--steps", "24", "--save-every", "1000", "--sample-every", "0",
               "--log-every", "1", *TINY]
@@ -1250,9 +1466,13 @@ def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path):
         if log.exists() and len(log.read_text().splitlines()) > 5:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 0 and "interrupted: saved" in err, err
+    if stop == signal.SIGINT:
+        assert proc.returncode == 0 and "interrupted: saved" in err, err
+    else:
+        assert proc.returncode == 1 and err.strip().splitlines()[-1].startswith("train.py: error: stopped by SIGTERM: "
+                                                                                "saved"), err
     cut = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
     assert 5 <= cut < 24
     assert train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"]) == 0
@@ -1263,6 +1483,78 @@ def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path):
     b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert b["step"] == 24 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+
+
+def test_one_run_at_a_time_on_a_folder_and_a_run_killed_before_its_first_save_starts_again(tmp_path, trained_run,
+                                                                                             capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name in ("config.json", "log.csv"):  # a run's files, and no checkpoint yet
+        shutil.copy(trained_run / name, out / name)
+    (out / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    assert train.main([*TINY, "--out", str(out), "--steps", "2", "--sample-every", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"in use by another train.py (process {os.getpid()})" in err[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(dead.stdout.strip())  # killed: its lock is stale, its files are ours
+    (out / ".ckpt.pt.123.tmp").write_bytes(b"half a checkpoint")
+    (out / "samples").mkdir()
+    cli.save_grid(torch.zeros(1, 3, 4, 4), out / "samples" / "step_000400.png")
+    assert train.main([*TINY, "--out", str(out), "--steps", "2", "--sample-every", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "log.csv", "samples"]
+    assert not list((out / "samples").iterdir())  # the old run's grid went with it; no lock is left
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "config.json").write_text('{"model": "mine"}')  # not train.py's: never taken over
+    assert train.main([*TINY, "--out", str(tmp_path / "users"), "--steps", "2"]) == 1
+    assert (tmp_path / "users" / "config.json").read_text() == '{"model": "mine"}'
+
+
+def test_resume_says_when_config_json_was_edited_and_the_log_survives_a_full_disk(tmp_path, trained_run, monkeypatch,
+                                                                                  capsys):
+    shutil.copytree(trained_run, tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg | {"lr": 0.5}))
+    assert train.main(["--resume", str(tmp_path / "r"), "--steps", "7"]) == 0
+    assert "config.json differs from the configuration saved in the checkpoint" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == cfg["lr"]  # the checkpoint's
+    log = tmp_path / "r" / "log.csv"
+    before, real = log.read_bytes(), os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, data[:len(data) // 2]))  # a disk that fills up
+    with pytest.raises(OSError, match="No space left"):
+        cli.append_whole(log, b"8,0,0.5,1e-3,10.0\r\n")
+    monkeypatch.undo()
+    assert log.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["inside", "huge", "lr", "one image", "small", "unicode", "exif"])
+def test_unusual_data_and_settings_give_one_line_or_a_correct_run(tmp_path, capsys, case):
+    data = tmp_path / "data ünï 🎲" if case == "unicode" else tmp_path / "data"
+    data.mkdir()
+    size = 4 if case == "small" else 24
+    for i in range(1 if case == "one image" else 6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    args = [*TINY, "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "3", "--sample-every", "0"]
+    if case == "inside":
+        assert train.main([*args[:-6], "--out", str(data / "run"), "--steps", "3", "--sample-every", "0"]) == 1
+        assert "is inside --data" in capsys.readouterr().err and not (data / "run").exists()
+    elif case == "huge":
+        assert train.main([*args, "--image-size", "200000"]) == 1
+        assert "the first feature map alone needs" in capsys.readouterr().err
+    elif case == "lr":
+        assert train.main([*args, "--lr", "1e10", "--steps", "30", "--grad-clip", "0"]) == 1
+        err = capsys.readouterr().err
+        assert "loss is nan" in err or "no longer finite" in err
+    elif case == "exif":  # a phone photo stored sideways with its orientation tag: trained upright
+        im = Image.fromarray(np.tile(np.arange(24, dtype=np.uint8)[None] * 10, (16, 1)))  # 24 wide, 16 high
+        exif = im.getexif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+        im.save(data / "side.jpg", exif=exif, quality=100)
+        upright = cli.fit_file(data / "side.jpg", 16, "L")[0]
+        steps = lambda axis: np.abs(np.diff(upright.astype(int), axis=axis)).sum()
+        assert steps(0) > 10 * steps(1)  # the gradient runs down the picture, as the camera saw it
+    else:
+        assert train.main(args) == 0  # one image, images smaller than --image-size, unicode paths: a run
+        assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -1620,6 +1912,220 @@ def test_sample_bad_numbers_are_one_line_before_sampling(tmp_path, trained_run, 
     assert len(err) == 1 and message in err[0] and not (tmp_path / "g.png").exists()
 
 
+# ----------------------------------------------------------------------------------------------
+# class-conditional runs, editing and where the pictures go
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    """A grey class-conditional run on the demo shapes (classes circle, square, triangle)."""
+    run = tmp_path_factory.mktemp("cond") / "run"
+    assert train.main([*TINY, "--class-cond", "--channels", "1", "--out", str(run), "--steps", "3",
+                       "--sample-every", "3", "--sample-n", "6"]) == 0
+    return run
+
+
+def test_labels_come_from_class_folders_and_idx_files(tmp_path, capsys):
+    for rel in ("b/1.png", "a/deep/2.png", "a/3.png", "c/x.png"):  # nested folders belong to their top-level class
+        (tmp_path / "set" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), int(rel[-5]) * 40 if rel[-5].isdigit() else 0, np.uint8)).save(tmp_path / "set" / rel)
+    (tmp_path / "set" / "c" / "x.png").write_bytes(b"not a png")  # skipped: c has no readable image left
+    data = cli.load_images(tmp_path / "set", 8, 1, labelled=True)
+    assert data.classes == ["a", "b", "c"] == cli.find_classes(tmp_path / "set")
+    assert data.labels.tolist() == [0, 0, 1]  # a/3.png, a/deep/2.png, b/1.png in sorted order
+    assert data.images[:, 0, 0, 0].tolist() == [120, 80, 40]
+    images, labels = np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2), np.array([7, 3, 7, 9, 3], np.uint8)
+    (tmp_path / "idx").mkdir()
+    with gzip.open(tmp_path / "idx" / "t-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + np.array([5, 2, 2], ">i4").tobytes() + images.tobytes())
+    with gzip.open(tmp_path / "idx" / "t-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + np.array([5], ">i4").tobytes() + labels.tobytes())
+    data = cli.load_images(tmp_path / "idx", 2, 1, labelled=True)
+    assert data.classes == ["3", "7", "9"] and data.labels.tolist() == [1, 0, 1, 2, 0]
+    assert torch.equal(data.images[:, 0], torch.from_numpy(images))
+    (tmp_path / "set" / "loose.png").write_bytes((tmp_path / "set" / "b" / "1.png").read_bytes())
+    for folder, says in ((tmp_path / "set", "loose.png lies in the folder itself"),):
+        with pytest.raises(cli.UserError, match=says):
+            cli.find_classes(folder)
+    (tmp_path / "idx" / "t-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(cli.UserError, match="no labels file t-labels-idx1-ubyte.gz"):
+        cli.load_images(tmp_path / "idx", 2, 1, labelled=True)
+
+
+def test_a_class_conditional_run_sees_its_labels_or_the_null_class(tmp_path, monkeypatch, capsys):
+    """Every label the network is given in training is the batch's own, or the null class, about p of them."""
+    seen, real = [], ddpm.UNet.forward
+    monkeypatch.setattr(ddpm.UNet, "forward", lambda self, x, t, y=None: seen.append(y.clone()) or real(self, x, t, y))
+    args = [*TINY, "--class-cond", "--out", str(tmp_path / "r"), "--steps", "40", "--batch-size", "16",
+            "--sample-every", "0", "--label-dropout", "0.25"]
+    assert train.main(args) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    truth = cli.demo_images(size=16, seed=0).labels
+    assert cfg["classes"] == cli.DEMO_CLASSES and cfg["class_counts"] == torch.bincount(truth).tolist()
+    assert cfg["model"]["num_classes"] == 3 and f"classes: circle {cfg['class_counts'][0]}" in capsys.readouterr().err
+    dropped = 0
+    for step, y in enumerate(seen):
+        batch = truth[train.batch_indices(len(truth), 16, step, 0)[0]]
+        assert ((y == batch) | (y == 3)).all()  # its own label, or the null class: never another's
+        dropped += (y == 3).sum().item()
+    assert abs(dropped / (40 * 16) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 640)
+
+
+def test_sample_classes_rows_and_folders(tmp_path, cond_run):
+    out = tmp_path / "all"
+    assert sample.main([str(cond_run), "--class", "all", "--n", "6", "--steps", "3", "--out", str(out)]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "circle/000000.png", "circle/000001.png", "square/000002.png", "square/000003.png", "triangle/000004.png",
+        "triangle/000005.png"]  # classes in equal blocks, in order
+    assert Image.open(cond_run / "samples.png").size == (2 * 18 + 2, 3 * 18 + 2)  # one row per class, two columns
+    assert not (out / "samples.png").exists()  # --out holds the samples alone, ready for FID
+    assert sample.main([str(cond_run), "--class", "square,2", "--n", "4", "--steps", "3", "--out", str(tmp_path / "two"),
+                        "--guidance", "2"]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("0*.png")) == [
+        "square/000000.png", "square/000001.png", "triangle/000002.png", "triangle/000003.png"]
+    assert sample.main([str(cond_run), "--n", "30", "--steps", "2", "--out", str(tmp_path / "freq")]) == 0
+    counts = [len(list((tmp_path / "freq" / c).glob("*.png"))) for c in cli.DEMO_CLASSES]
+    expected = cli.frequency_labels(json.loads((cond_run / "config.json").read_text())["class_counts"], 30, 0)
+    assert counts == torch.bincount(expected, minlength=3).tolist() and sum(counts) == 30
+
+
+@pytest.mark.parametrize("run,argv,message", [
+    ("cond", ["--class", "7"], "--class 7: not a class of this run (3 classes: circle, square, triangle)"),
+    ("cond", ["--class", "hexagon"], "--class hexagon: not a class of this run"),
+    ("plain", ["--class", "1"], "is not class-conditional"),
+    ("plain", ["--guidance", "2"], "is not class-conditional"),
+    ("cond", ["--guidance", "nan"], "--guidance must be a number >= 0"),
+    ("cond", ["--invert", "a.png", "b.png", "--class", "0,1"], "takes one class"),
+])
+def test_bad_class_arguments_are_one_line_before_sampling(tmp_path, trained_run, cond_run, monkeypatch, capsys, run,
+                                                          argv, message):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled with a bad label"))
+    path = cond_run if run == "cond" else trained_run
+    assert sample.main([str(path), *argv, "--grid", str(tmp_path / "g.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "g.png").exists()
+
+
+def test_sdedit_at_strength_0_is_the_input_and_at_1_plain_sampling(tmp_path, trained_run):
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    assert sample.main([str(trained_run), "--edit", str(image), "--strength", "0,0.5,1", "--n", "2", "--steps", "4",
+                        "--out", str(tmp_path / "e")]) == 0
+    assert sample.main([str(trained_run), "--n", "2", "--steps", "4", "--out", str(tmp_path / "plain")]) == 0
+    read = lambda p: np.asarray(Image.open(p))
+    assert np.array_equal(read(tmp_path / "e" / "in_s0_1.png"), read(image))
+    for k in range(2):
+        assert np.array_equal(read(tmp_path / "e" / f"in_s1_{k}.png"), read(tmp_path / "plain" / f"{k:06d}.png"))
+    assert not np.array_equal(read(tmp_path / "e" / "in_s0.5_0.png"), read(image))
+    assert Image.open(trained_run / "edit.png").size == ((1 + 3 * 2) * 18 + 2, 18 + 2)  # input, 3 strengths x 2
+
+
+def test_inpainting_from_the_command_line_keeps_the_known_half(tmp_path, cond_run):
+    g = np.random.default_rng(1)
+    for rel in ("square/a.png", "b.png"):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "in" / rel)
+    for extra in ([], ["--sampler", "ddpm", "--steps", "12", "--resample", "3", "--jump", "4", "--class", "square"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert sample.main([str(cond_run), "--inpaint", str(tmp_path / "in"), "--mask", "lower-half", "--n", "2",
+                            "--steps", "4", "--out", str(out), *extra]) == 0
+        for rel in ("square/a", "b"):
+            source = np.asarray(Image.open(tmp_path / "in" / f"{rel}.png"))
+            for k in range(2):
+                result = np.asarray(Image.open(out / f"{rel}_{k}.png"))
+                assert np.array_equal(result[:8], source[:8]) and not np.array_equal(result[8:], source[8:])
+        assert Image.open(cond_run / "inpaint.png").size == (4 * 18 + 2, 2 * 18 + 2)  # input, masked input, 2 results
+
+
+def test_masks_and_images_of_every_mode_and_size_load_or_fail_with_one_line(tmp_path, cond_run, trained_run,
+                                                                            monkeypatch, capsys):
+    grey = np.random.default_rng(2).integers(0, 256, (32, 24), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(grey).convert("P").save(tmp_path / "in" / "palette.png")
+    Image.fromarray(grey).convert("RGBA").save(tmp_path / "in" / "rgba.png")
+    Image.fromarray(grey).convert("CMYK").save(tmp_path / "in" / "cmyk.jpg", quality=100)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "in" / "deep.png")
+    exif = Image.fromarray(grey).convert("RGB").getexif()
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "in" / "exif.jpg", exif=exif)
+    x, names, sizes = cli.read_edit_images(tmp_path / "in", 16, 1)
+    assert x.shape == (5, 1, 16, 16) and names == ["cmyk", "deep", "exif", "palette", "rgba"] and sizes[0] == (24, 32)
+    assert (x[1] - x[3]).abs().max() <= 2 / 255  # 16 bits read with their real range, not clipped to white
+    (tmp_path / "masks").mkdir()
+    for name in names:  # masks of another size but the same shape: fitted as the images are
+        Image.fromarray(np.repeat(np.repeat((np.arange(32)[:, None] >= 16).repeat(24, 1), 2, 0), 2, 1).astype(np.uint8) * 255
+                        ).save(tmp_path / "masks" / f"{name}.png")
+    masks = cli.read_masks(str(tmp_path / "masks"), tmp_path / "in", names, sizes, 16)
+    assert masks.shape == (5, 1, 16, 16) and masks[:, :, 8:].all() and not masks[:, :, :8].any()
+    Image.fromarray(np.zeros((32, 24), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.full((32, 24), 255, np.uint8)).save(tmp_path / "white.png")
+    Image.fromarray(np.full((10, 40), 255, np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(np.stack([grey, grey // 2, grey], 2)).save(tmp_path / "colour.png")
+    (tmp_path / "some").mkdir()
+    (tmp_path / "some" / "rgba.png").write_bytes((tmp_path / "masks" / "rgba.png").read_bytes())
+    monkeypatch.setattr(sample, "edit_batch", lambda *a, **k: pytest.fail("sampled with a bad input"))
+    inp = ["--inpaint", str(tmp_path / "in")]
+    for argv, says in (([*inp, "--mask", str(tmp_path / "black.png")], "all black: nothing to fill in"),
+                       ([*inp, "--mask", str(tmp_path / "white.png")], "all white: nothing is kept"),
+                       ([*inp, "--mask", str(tmp_path / "wide.png")], "does not fit the image"),
+                       ([*inp, "--mask", str(tmp_path / "some")], "no mask for cmyk"),
+                       ([*inp, "--mask", "middle"], "not one of lower-half"),
+                       (["--mask", "center"], "--mask goes with --inpaint"), (inp, "--inpaint needs --mask"),
+                       (["--inpaint", str(tmp_path / "colour.png"), "--mask", "center"], "a colour image"),
+                       ([*inp, "--mask", "center", "--resample", "2"], "--sampler ddpm"),
+                       ([*inp, "--mask", "center", "--sampler", "ode"], "not the adaptive ode"),
+                       (["--edit", str(tmp_path / "in"), "--strength", "1.5"], "--strength takes numbers in [0, 1]"),
+                       ([*inp, "--mask", "center", "--edit", str(tmp_path / "in")], "one at a time")):
+        assert sample.main([str(cond_run), *argv, "--grid", str(tmp_path / "g.png")]) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "Traceback" not in err[0], (argv, err)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_pictures_go_to_the_run_folder_and_never_over_a_users_file(tmp_path, trained_run, monkeypatch, capsys):
+    assert sample.main([str(trained_run), "--n", "2", "--steps", "2"]) == 0
+    assert cli.written_by_us(trained_run / "samples.png")
+    assert sample.main([str(trained_run / "ckpt.pt"), "--n", "2", "--steps", "2"]) == 0  # ours: written again
+    capsys.readouterr()
+    theirs = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(theirs)
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "notes.txt").write_text("the user's")
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+    for argv, says in ((["--grid", str(theirs)], "was not written by this toolkit"),
+                       (["--out", str(tmp_path / "users")], "holds files that this toolkit did not write"),
+                       (["--out", str(theirs)], "a file, not a folder")):
+        assert sample.main([str(trained_run), "--n", "2", *argv]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]
+    assert np.array_equal(np.asarray(Image.open(theirs)), np.zeros((4, 4), np.uint8))
+
+
+def test_imports_point_one_way():
+    """ddpm.py imports no project file; cli.py only ddpm.py; fid.py only cli.py; the commands only those three."""
+    allowed = {"ddpm": set(), "cli": {"ddpm"}, "fid": {"cli"}, "train": {"ddpm", "cli", "fid"},
+               "sample": {"ddpm", "cli", "fid"}, "bench": {"ddpm", "cli", "fid"}}
+    for name, ok in allowed.items():
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        found = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        found |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert found & set(allowed) == ok, (name, found & set(allowed))
+
+
+def test_an_old_configuration_resumes_with_its_settings_legacy_values(tmp_path, trained_run):
+    shutil.copytree(trained_run, tmp_path / "old")
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    for key in ("prediction", "min_snr", "grad_accum", "channels_last", "process", "class_cond", "label_dropout",
+                "sample_guidance"):
+        ckpt["config"].pop(key, None)
+    ckpt["config"]["model"].pop("num_classes", None)
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    assert train.main(["--resume", str(tmp_path / "old"), "--steps", "7"]) == 0
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert {k: cfg[k] for k in train.LEGACY} == train.LEGACY and train.LEGACY["process"] == "ddpm"
+    model, process, _ = ddpm.load(tmp_path / "old" / "ckpt.pt")
+    assert isinstance(process, ddpm.Diffusion) and model.label_emb is None
+
+
 def test_fid_never_prints_nan_as_a_result(tmp_path, capsys):
     fid.save_stats(tmp_path / "a.npz", np.ones(3), np.eye(3))
     fid.save_stats(tmp_path / "nan.npz", np.array([1.0, np.nan, 0.0]), np.eye(3))
@@ -1749,7 +2255,8 @@ def assert_same_run(a, b):
 
 
 DIST = ["--steps", "6", "--batch-size", "8", "--log-every", "1", "--save-every", "3", "--sample-every", "0",
-        "--preset", "tiny", "--image-size", "16", "--T", "50", "--workers", "0", "--warmup", "2"]
+        "--preset", "tiny", "--image-size", "16", "--T", "50", "--workers", "0", "--warmup", "2",
+        "--class-cond"]  # the demo shapes' kinds as labels: they travel with their images through the sharding
 
 
 @pytest.fixture(scope="module")
@@ -1797,8 +2304,10 @@ def test_two_processes_write_the_same_samples_and_fid_as_one(tmp_path, one_proce
                          env=one_thread_env())
     assert one.returncode == 0, one.stderr
     two = torchrun(2, "sample.py", *common, "--out", tmp_path / "b", "--grid", tmp_path / "b.png")
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == [f"{i:06d}.png" for i in range(5)] == sorted(p.name for p in (tmp_path / "b").iterdir())
+    files = lambda folder: sorted((str(p.relative_to(folder)) for p in folder.rglob("*.png")), key=lambda n: n[-10:])
+    names = files(tmp_path / "a")  # in one folder per class: the labels are functions of (seed, index) as well
+    assert [n[-10:] for n in names] == [f"{i:06d}.png" for i in range(5)] and names == files(tmp_path / "b")
+    assert {n.split("/")[0] for n in names} <= set(cli.DEMO_CLASSES)
     for name in [*names]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

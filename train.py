@@ -4,20 +4,24 @@
     python train.py --data ./faces --T 300 --schedule cosine --preset faces64 --image-size 64
     python train.py --data mnist/ --channels 1 --image-size 32 --no-flip   # a folder of MNIST's IDX files
     python train.py --data mnist/ --channels 1 --no-flip --process ve     # the VE score SDE (Song et al. 2021)
+    python train.py --data ./pets --class-cond                # pets/cat, pets/dog, ...: one class a subfolder
     python train.py --resume runs/faces                       # continue exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --batch-size 256   # 8 GPUs, same run
 
-A folder is searched recursively for png/jpg/jpeg/bmp/webp images (and MNIST's IDX files); each
-is decoded once, its short side resized and centre-cropped to --image-size, and kept in memory
-as uint8. The run folder (--out) gets config.json, ckpt.pt (written atomically; Ctrl-C saves
-it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model (SDE-DPM-Solver++).
+A folder is searched recursively for images (and MNIST's IDX files); each is decoded once, its short
+side resized and centre-cropped to --image-size, and kept in memory as uint8. --class-cond takes each
+top-level subfolder as a class and trains one network for the conditional and the unconditional model
+(Ho & Salimans 2022). The run folder (--out) gets config.json, ckpt.pt (written atomically; Ctrl-C
+saves it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model.
 """
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,50 +38,6 @@ import cli
 import ddpm
 import fid
 from cli import UserError
-
-def batch_indices(n, batch_size, step, seed):
-    """Indices of the batch at `step`: epochs are seeded permutations, so the order is a pure
-    function of (seed, step) and a resumed run sees exactly the batches it would have seen."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[i * batch_size:(i + 1) * batch_size], epoch
-
-# ----------------------------------------------------------------------------------------------
-# pictures
-
-
-def plot_loss(log_path, png_path, width=640, height=360):
-    """Loss against step from log.csv, log-scaled, drawn with Pillow."""
-    with open(log_path) as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    if len(rows) < 2:
-        return
-    steps = np.array([s for s, _ in rows])
-    loss = np.log10(np.maximum([v for _, v in rows], 1e-8))
-    k = max(1, len(loss) // 50)  # moving average over ~2% of the run
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-    left, right, top, bottom = 60, width - 15, 15, height - 35
-    lo, hi = math.floor(loss.min() * 2) / 2, math.ceil(loss.max() * 2) / 2 + 1e-9
-    px = lambda s: left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (right - left)
-    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    d.rectangle([left, top, right, bottom], outline="black")
-    for e in np.arange(lo, hi, 0.5):
-        d.line([left - 4, py(e), left, py(e)], fill="black")
-        d.text((5, py(e) - 6), f"{10 ** e:.3g}", fill="black")
-    for s in np.linspace(steps[0], steps[-1], 5):
-        d.line([px(s), bottom, px(s), bottom + 4], fill="black")
-        d.text((px(s) - 15, bottom + 8), f"{int(s)}", fill="black")
-    d.text(((left + right) // 2 - 40, height - 16), "step (loss, log)", fill="black")
-    d.line([(px(s), py(v)) for s, v in zip(steps, loss)], fill=(190, 205, 235))
-    d.line([(px(s), py(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 160), width=2)
-    cli.atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
-
-# ----------------------------------------------------------------------------------------------
-# main
-
 
 # ----------------------------------------------------------------------------------------------
 # a run's settings: one table, from which the command line, the checks and the configuration follow
@@ -205,24 +165,52 @@ def check_args(args):
             raise UserError(f"--{s.name.replace('_', '-')} must be {s.valid[1]}, got {value}")
     if args.process == "ve" and (args.prediction not in (None, "eps") or args.min_snr):
         raise UserError("--prediction v and --min-snr apply to --process ddpm; a ve model predicts the scaled score")
+    if args.data and not args.resume and Path(args.out).resolve().is_relative_to(Path(args.data).resolve()):
+        raise UserError(f"--out {args.out} is inside --data {args.data}: its grids would become training images")
     cli.check_device(args.device)
 
 
+RUN_FILES = ("config.json", "log.csv", "loss.png", "fid.csv", "samples", ".lock")  # what a run folder holds
+
+
+LOG_HEADER = ["step", "epoch", "loss", "lr", "images_per_s"]
+
+
+def never_saved(out):
+    """True for a run folder that holds train.py's files alone and no checkpoint: a run killed before its
+    first save (its temporary checkpoint file included), which a new run may take over. Its config.json
+    and log.csv must be train.py's, its grids PNGs that this toolkit wrote."""
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+        header = (out / "log.csv").read_text().splitlines()[:1]
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and {"T", "seed", "lr"} <= cfg.keys()
+            and header == [",".join(LOG_HEADER)]):
+        return False
+    ours = all(p.name in RUN_FILES or p.name.startswith(".ckpt.pt.") for p in out.iterdir())
+    return ours and all(cli.written_by_us(p) for p in (out / "samples").glob("*"))
+
+
 def prepare_out(out):
-    """A new run's folder: created if missing; refused when it is a file, holds a run, or holds anything
-    else (a folder of the user's: we would overwrite its config.json and log.csv)."""
+    """A new run's folder, claimed by this process (cli.FolderLock): created if missing; refused when it is a
+    file, holds a run, is in use, or holds anything else (a folder of the user's: we would overwrite its
+    config.json and log.csv). A run that never saved a checkpoint is started again."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a folder")
     if (out / "ckpt.pt").exists():
         raise UserError(f"{out} holds a run already: --resume {out}, or choose another --out")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()) and not never_saved(out):
         raise UserError(f"--out {out}: the folder is not empty and is not a run of train.py; choose a new one")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        cli.atomic_write(out / ".write-test", lambda tmp: tmp.write_bytes(b""))
-        (out / ".write-test").unlink()
+        lock = cli.FolderLock(out, "train.py")
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    for p in out.iterdir():  # what a run that never saved left
+        if p.name != ".lock":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return lock
 
 
 def model_config(args):
@@ -252,6 +240,18 @@ def model_config(args):
     return cfg
 
 
+def check_memory(run, model):
+    """Refuse an image size and batch whose first feature map alone, B x base_channels x size^2 floats, is
+    larger than this machine's memory (or the CUDA device's): a lower bound of what training needs."""
+    device = torch.device(run["device"])
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    need = 4 * run["batch_size"] * model["base_channels"] * model["image_size"] ** 2
+    if need > have:
+        raise UserError(f"--image-size {model['image_size']} with --batch-size {run['batch_size']}: the first feature "
+                        f"map alone needs {need / 2**30:.0f} GiB and this {device.type} has {have / 2**30:.0f} GiB")
+
+
 def run_config(args):
     """The run's configuration from the command line: the stored settings, None filled from the preset's
     recipe, and the model's arguments under "model"."""
@@ -271,6 +271,7 @@ def run_config(args):
         raise UserError(f"the {run['schedule']} schedule needs 0 < --beta-start < --beta-end < 1, got "
                         f"{args.beta_start} and {args.beta_end}")
     model = model_config(args)
+    check_memory(run, model)
     if args.class_cond:  # the classes, from the folder's listing: no image is decoded yet
         run["classes"] = cli.find_classes(args.data) if args.data else list(cli.DEMO_CLASSES)
         model["num_classes"] = len(run["classes"])
@@ -323,6 +324,7 @@ def setup(args, procs):
         resumed = cli.load_checkpoint(args.resume, device)
         cfg, out = LEGACY | resumed[0]["config"], Path(args.resume)
         out = out.parent if out.is_file() else out  # --resume RUN or RUN/ckpt.pt, as sample.py
+        note_edited_config(out, resumed[0]["config"], procs)
         if args.steps:  # what a resume may change: how long to go on, and how the batch is split
             cfg["steps"] = args.steps
         cfg["grad_accum"] = args.grad_accum
@@ -335,9 +337,22 @@ def setup(args, procs):
         cfg, out = run_config(args), Path(args.out)
     cfg["world_size"] = procs.world
     check_split(cfg)
-    if not args.resume:
-        procs.agree(lambda: prepare_out(out))
-    return cfg, out, resumed, device
+    locks = []  # rank 0's claim on the run folder, released when the run ends
+    claim = (lambda: locks.append(cli.FolderLock(out, "train.py"))) if args.resume else \
+        (lambda: locks.append(prepare_out(out)))
+    procs.agree(claim)
+    return cfg, out, resumed, device, locks
+
+
+def note_edited_config(out, cfg, procs):
+    """A config.json edited since the checkpoint was saved: the checkpoint's configuration is the run's."""
+    try:
+        edited = json.loads((out / "config.json").read_text()) != json.loads(json.dumps(cfg))
+    except (OSError, ValueError):  # removed or damaged: it is written again
+        edited = (out / "config.json").exists()
+    if edited and procs.main:
+        print(f"note: {out / 'config.json'} differs from the configuration saved in the checkpoint, which the run "
+              "keeps (and writes back); a resume takes --steps, --grad-accum and --device", file=sys.stderr)
 
 
 def check_split(cfg):
@@ -349,6 +364,15 @@ def check_split(cfg):
     if world * accum > 1 and cfg["model"]["norm"] == "batch":
         raise UserError("--norm batch with several processes or --grad-accum: its statistics would depend on how "
                         "the batch is split; use --norm group")
+
+
+def batch_indices(n, batch_size, step, seed):
+    """Indices of the batch at `step`: epochs are seeded permutations, so the order is a pure
+    function of (seed, step) and a resumed run sees exactly the batches it would have seen."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size], epoch
 
 
 def load_data(cfg, device, procs):
@@ -443,6 +467,35 @@ def describe(cfg, state, procs):
 # what rank 0 writes, and the FID that every rank helps to compute
 
 
+def plot_loss(log_path, png_path, width=640, height=360):
+    """Loss against step from log.csv, log-scaled, drawn with Pillow."""
+    with open(log_path) as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    if len(rows) < 2:
+        return
+    steps = np.array([s for s, _ in rows])
+    loss = np.log10(np.maximum([v for _, v in rows], 1e-8))
+    k = max(1, len(loss) // 50)  # moving average over ~2% of the run
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    left, right, top, bottom = 60, width - 15, 15, height - 35
+    lo, hi = math.floor(loss.min() * 2) / 2, math.ceil(loss.max() * 2) / 2 + 1e-9
+    px = lambda s: left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (right - left)
+    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    d.rectangle([left, top, right, bottom], outline="black")
+    for e in np.arange(lo, hi, 0.5):
+        d.line([left - 4, py(e), left, py(e)], fill="black")
+        d.text((5, py(e) - 6), f"{10 ** e:.3g}", fill="black")
+    for s in np.linspace(steps[0], steps[-1], 5):
+        d.line([px(s), bottom, px(s), bottom + 4], fill="black")
+        d.text((px(s) - 15, bottom + 8), f"{int(s)}", fill="black")
+    d.text(((left + right) // 2 - 40, height - 16), "step (loss, log)", fill="black")
+    d.line([(px(s), py(v)) for s, v in zip(steps, loss)], fill=(190, 205, 235))
+    d.line([(px(s), py(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 160), width=2)
+    cli.atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
+
+
 class RunFolder:
     """The run folder, written by rank 0 alone: config.json, log.csv (rows after the checkpoint's step
     dropped on resume), ckpt.pt (atomic), loss.png, samples/step_NNNNNN.png and fid.csv."""
@@ -461,13 +514,14 @@ class RunFolder:
 
         def write_log(tmp):
             with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([["step", "epoch", "loss", "lr", "images_per_s"], *rows])
+                csv.writer(f).writerows([LOG_HEADER, *rows])
         cli.atomic_write(self.log_path, write_log)
 
     def log(self, row):
-        if self.main:
-            with open(self.log_path, "a", newline="") as f:
-                csv.writer(f).writerow(row)
+        if self.main:  # appended whole: a full disk leaves log.csv as it was
+            line = io.StringIO()
+            csv.writer(line).writerow(row)
+            cli.append_whole(self.log_path, line.getvalue().encode())
 
     def checkpoint(self, state):
         if not self.main:
@@ -651,33 +705,46 @@ def save(state, folder, procs):
 
 
 def train(args, procs):
-    cfg, out, resumed, device = setup(args, procs)
-    data, per_epoch = load_data(cfg, device, procs)
-    state = build(cfg, resumed, device, procs)
-    if procs.main:
-        describe(cfg, state, procs)
-        if resumed:
-            print(f"resumed {out} at step {state.step}", file=sys.stderr)
-    folder = RunFolder(out, cfg, state.step, resumed is not None, procs, per_epoch)
-    measure_fid = TrainingFID(cfg, data, procs) if cfg["fid_every"] else None
-    stop = []
+    cfg, out, resumed, device, locks = setup(args, procs)
+    try:
+        data, per_epoch = load_data(cfg, device, procs)
+        state = build(cfg, resumed, device, procs)
+        if procs.main:
+            describe(cfg, state, procs)
+            if resumed:
+                print(f"resumed {out} at step {state.step}", file=sys.stderr)
+        folder = RunFolder(out, cfg, state.step, resumed is not None, procs, per_epoch)
+        return run_loop(cfg, state, data, folder, procs)
+    finally:
+        for lock in locks:
+            lock.release()
 
-    def on_ctrl_c(*_):  # finish the step (under torchrun: until the ranks agree), save, leave
+
+def run_loop(cfg, state, data, folder, procs):
+    """The loop, with Ctrl-C (and, in one process, SIGTERM) finishing the step, saving and leaving; under
+    torchrun the ranks agree on the step to stop at, and torchrun's SIGTERM ends a process at once."""
+    measure_fid, stop, out = TrainingFID(cfg, data, procs) if cfg["fid_every"] else None, [], folder.out
+
+    def on_signal(signum, _):  # finish the step (under torchrun: until the ranks agree), save, leave
         if not stop and procs.main:
             when = "after this step" if procs.world == 1 else "at the next log line (every process)"
-            print(f"\nCtrl-C: stopping {when}, then saving", file=sys.stderr, flush=True)
-        stop.append(1)
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+            print(f"\n{signal.Signals(signum).name}: stopping {when}, then saving", file=sys.stderr, flush=True)
+        stop.append(signum)
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if procs.world == 1 else [])
+    previous = [signal.signal(s, on_signal) for s in signals]
     try:
         loop(cfg, state, data, folder, measure_fid, procs, stop)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
     procs.barrier()
     if stop:
         save(state, folder, procs)
+        saved = f"saved {out / 'ckpt.pt'} at step {state.step}; continue with --resume {out}"
+        if signal.SIGTERM in stop:
+            raise cli.Stopped(f"stopped by SIGTERM: {saved}")
         if procs.main:
-            print(f"\ninterrupted: saved {out / 'ckpt.pt'} at step {state.step}; continue with --resume {out}",
-                  file=sys.stderr)
+            print(f"\ninterrupted: {saved}", file=sys.stderr)
     elif procs.main:
         print(f"\ndone: {out / 'ckpt.pt'}; sample from it with: python sample.py {out}", file=sys.stderr)
     return state.step
