@@ -1526,13 +1526,16 @@ def test_resume_says_when_config_json_was_edited_and_the_log_survives_a_full_dis
     assert log.read_bytes() == before
 
 
-@pytest.mark.parametrize("case", ["inside", "huge", "lr", "one image", "small", "unicode", "exif"])
+@pytest.mark.parametrize("case", ["inside", "huge", "lr", "one image", "black", "small", "unicode", "loop", "exif"])
 def test_unusual_data_and_settings_give_one_line_or_a_correct_run(tmp_path, capsys, case):
     data = tmp_path / "data ünï 🎲" if case == "unicode" else tmp_path / "data"
     data.mkdir()
     size = 4 if case == "small" else 24
     for i in range(1 if case == "one image" else 6):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels * (case != "black")).save(data / f"{i}.png")
+    if case == "loop":  # a symbolic link back to the folder itself: not followed
+        (data / "again").symlink_to(data, target_is_directory=True)
     args = [*TINY, "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "3", "--sample-every", "0"]
     if case == "inside":
         assert train.main([*args[:-6], "--out", str(data / "run"), "--steps", "3", "--sample-every", "0"]) == 1
@@ -1553,7 +1556,7 @@ def test_unusual_data_and_settings_give_one_line_or_a_correct_run(tmp_path, caps
         steps = lambda axis: np.abs(np.diff(upright.astype(int), axis=axis)).sum()
         assert steps(0) > 10 * steps(1)  # the gradient runs down the picture, as the camera saw it
     else:
-        assert train.main(args) == 0  # one image, images smaller than --image-size, unicode paths: a run
+        assert train.main(args) == 0  # one image, all black, smaller than --image-size, unicode, a loop: a run
         assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 

@@ -89,7 +89,8 @@ SETTINGS = (
       legacy=False),
     S("label_dropout", 0.1, "class_cond: the share of labels replaced by the null class (Ho & Salimans 2022)",
       valid=((lambda v: 0 <= v < 1), "in [0, 1)")),
-    S("sample_guidance", 3.0, "class_cond: the guidance scale of the grids and FID (1: the conditional model)",
+    S("sample_guidance", 1.5, "class_cond: the guidance scale of the grids and FID (1: the conditional model; "
+      "docs/conditional.md)",
       valid=at_least(0)),
     S("prediction", help="ddpm: what the network predicts (v: Salimans & Ho); None: the preset's recipe",
       choices=ddpm.PREDICTIONS, legacy="eps"),
