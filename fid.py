@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import linalg
 
 from cli import (IMAGE_EXTENSIONS, UserError, atomic_write, decode_files, describe_skipped, list_images, read_image,
                  run_command, to_uint8)
@@ -273,25 +272,31 @@ def activation_statistics(feats):
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with pytorch-fid's rules: eps I is added
-    to both covariances when the product's square root is not finite, and a negligible imaginary
-    part (diagonal within 1e-3 of 0) is dropped; a larger one raises ValueError."""
+def sqrt_product_trace(sigma1, sigma2):
+    """Tr((S1 S2)^(1/2)) for covariances S1, S2: S1 S2 is similar to R S2 R with R = S1^(1/2), a
+    symmetric PSD matrix, so the trace is the sum of the roots of its eigenvalues (two eigh, not a
+    Schur-form sqrtm: 3 s instead of 30 s at 2048-d on 2 cores). Eigenvalues within rounding of 0
+    (below d * eps * the largest, as numpy's matrix_rank) are 0: their roots would be noise."""
+    def psd_eigh(m):
+        w, v = np.linalg.eigh(m)
+        w[w < len(w) * np.finfo(w.dtype).eps * max(w.max(), 0)] = 0
+        return w, v
+    w, v = psd_eigh(sigma1)
+    r = (v * np.sqrt(w)) @ v.T
+    return float(np.sqrt(psd_eigh(r @ sigma2 @ r)[0]).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017, eq. 6; Dowson & Landau
+    1982). pytorch-fid takes the root with scipy's sqrtm; on full-rank statistics the two agree to
+    rounding (1e-12 relative at 2048-d), and on rank-deficient ones (fewer images than features)
+    this is the exact value where sqrtm warns and drifts."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise UserError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        print(f"fid: singular product; adding {eps} to the covariance diagonals", file=sys.stderr)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * sqrt_product_trace(sigma1, sigma2))
 
 
 def checked_fid(mu1, sigma1, mu2, sigma2):

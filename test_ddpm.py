@@ -335,7 +335,7 @@ def test_ddim_invert_round_trip_with_a_network():
     d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
     oracle, net = gaussian_oracle(d, mu=0.0), perturbed_unet(scale=0.01)
     model = lambda x, t: oracle(x, t) + net(x, t)
-    x0 = torch.rand(2, 3, 16, 16, generator=gen()) * 2 - 1
+    x0 = torch.rand(2, 3, 8, 8, generator=gen()) * 2 - 1
     errors = [(d.ddim_sample(model, x_T=d.ddim_invert(model, x0, steps=50, refine=r), steps=50, clip_x0=False)
                - x0).abs().max().item() for r in range(4)]
     assert all(e1 < e0 / 5 for e0, e1 in zip(errors, errors[1:])) and errors[-1] < 1e-3
@@ -343,7 +343,7 @@ def test_ddim_invert_round_trip_with_a_network():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_timesteps_are_valid_for_every_step_count_and_spacing(schedule):
     d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000))
-    for spacing in ddpm.SPACINGS:
+    for spacing in ddpm.SPACINGS if schedule == "linear" else ["logsnr"]:  # only logsnr reads the schedule
         for steps in range(1, d.T + 1):
             ts = torch.tensor(d.ddim_timesteps(steps, spacing))
             assert len(ts) == steps and ts[0] >= 0 and ts[-1] <= d.T - 1, (spacing, steps)
@@ -445,15 +445,15 @@ def test_fast_samplers_keep_the_conventions(sampler):
 
 
 def test_respaced_ddpm_with_all_steps_is_ddpm_and_keeps_the_schedule():
-    d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
-    model, x_T = perturbed_unet(), torch.randn(2, 3, 16, 16, generator=gen(3))
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 50))
+    model, x_T = perturbed_unet(), torch.randn(2, 3, 8, 8, generator=gen(3))
     a = d.ddpm_sample(model, x_T=x_T, generator=gen(7))
     for spacing in ddpm.SPACINGS:
-        assert torch.equal(a, d.ddpm_sample(model, x_T=x_T, steps=100, spacing=spacing, generator=gen(7)))
+        assert torch.equal(a, d.ddpm_sample(model, x_T=x_T, steps=50, spacing=spacing, generator=gen(7)))
     kept = d.ddim_timesteps(10, "trailing")
     r = d.respaced(kept)
     assert torch.allclose(r.alphas_cumprod64, d.alphas_cumprod64[kept], rtol=1e-12)  # a-bar of the kept steps
-    assert torch.allclose(d.respaced(list(range(100))).alphas_cumprod64, d.alphas_cumprod64, rtol=1e-12)
+    assert torch.allclose(d.respaced(list(range(50))).alphas_cumprod64, d.alphas_cumprod64, rtol=1e-12)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
@@ -598,7 +598,7 @@ def test_vp_ode_on_a_network_agrees_with_ddim_with_all_steps():
     d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
     oracle, net = sde_oracle(d, mu=0.0), perturbed_unet(scale=0.01)
     model = lambda x, t: oracle(x, t.float()) + net(x, t)
-    x_T = torch.randn(2, 3, 16, 16, generator=gen())
+    x_T = torch.randn(1, 3, 8, 8, generator=gen())
     ode, nfe = d.ode_sample(model, x_T=x_T)
     ddim = d.ddim_sample(model, x_T=x_T, steps=1000, clip_x0=False)
     coarse = d.ddim_sample(model, x_T=x_T, steps=100, clip_x0=False)
@@ -1074,13 +1074,31 @@ def write_images(folder, n, seed, size=24, bright=0):
     return folder
 
 
-def fid_by_eigh(mu1, s1, mu2, s2):
-    """FID without sqrtm (seconds instead of 15 s at 2048-d on 2 cores), as an independent check:
-    Tr((S1 S2)^(1/2)) = sum of sqrt(eig(R S2 R)) with R = S1^(1/2) by eigh."""
-    w, v = np.linalg.eigh(s1)
-    r = (v * np.sqrt(w.clip(0))) @ v.T
-    tr_sqrt = np.sqrt(np.linalg.eigvalsh(r @ s2 @ r).clip(0)).sum()
-    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+def fid_from_features(fa, fb):
+    """FID of two feature sets without any d x d root, as an independent check: with centred
+    features A, B, S1 S2 has the nonzero eigenvalues of (A B^T)(A B^T)^T / ((n1 - 1)(n2 - 1)), so
+    Tr((S1 S2)^(1/2)) is the nuclear norm of A B^T / sqrt((n1 - 1)(n2 - 1))."""
+    fa, fb = np.asarray(fa, np.float64), np.asarray(fb, np.float64)
+    a, b = fa - fa.mean(0), fb - fb.mean(0)
+    tr_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    diff = fa.mean(0) - fb.mean(0)
+    return diff @ diff + (a * a).sum() / (len(a) - 1) + (b * b).sum() / (len(b) - 1) - 2 * tr_sqrt
+
+
+def test_frechet_distance_equals_pytorch_fids_sqrtm_on_full_rank_statistics():
+    """pytorch-fid takes Tr((S1 S2)^(1/2)) from scipy's sqrtm; on full-rank statistics the eigh route
+    gives the same number to rounding, and on few images the Gram-matrix route's exact one."""
+    from scipy import linalg
+    rng = np.random.default_rng(3)
+    fa, fb = rng.normal(size=(300, 64)), rng.normal(size=(200, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.1
+    sa, sb = (fid.activation_statistics(f) for f in (fa, fb))
+    ref = (sa[0] - sb[0]) @ (sa[0] - sb[0]) + np.trace(sa[1]) + np.trace(sb[1]) \
+        - 2 * np.trace(linalg.sqrtm(sa[1] @ sb[1])).real
+    assert fid.frechet_distance(*sa, *sb) == pytest.approx(ref, rel=1e-10)
+    assert fid.frechet_distance(*sa, *sb) == pytest.approx(fid_from_features(fa, fb), rel=1e-10)
+    few_a, few_b = fa[:5], fb[:4]  # rank 4 and 3 covariances in 64-d
+    assert fid.frechet_distance(*fid.activation_statistics(few_a), *fid.activation_statistics(few_b)) == \
+        pytest.approx(fid_from_features(few_a, few_b), rel=1e-9)
 
 
 def test_frechet_distance_closed_forms():
@@ -1207,7 +1225,7 @@ def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, cap
     fa, fb = (fid.folder_activations(p, inception, quiet=True)[0] for p in (a, b))
     logits_b = fid.folder_activations(b, inception, quiet=True, isc_input=True)[1]  # IS: torch-fidelity's input
     mu_a, sigma_a = fid.activation_statistics(fa)
-    expected = fid_by_eigh(mu_a, sigma_a, *fid.activation_statistics(fb))
+    expected = fid_from_features(fa, fb)
     out, err = run(str(a), str(b))
     assert "a: 6 images (1 unreadable, skipped)" in err
     assert expected > 1 and out.startswith("FID: ") and float(out[5:]) == pytest.approx(expected, abs=1e-3)
@@ -1724,9 +1742,8 @@ def test_sample_fid_in_memory_equals_fid_of_the_written_pngs(tmp_path, trained_r
     assert sample.main([str(trained_run), "--n", "4", "--steps", "5", "--grid", str(tmp_path / "g.png"),
                         "--out", str(tmp_path / "pngs"), "--fid", str(ref), "--fid-weights", str(inception_weights)]) == 0
     in_memory = capsys.readouterr().out.strip()
-    stats = [fid.activation_statistics(fid.folder_activations(p, inception, quiet=True)[0])
-             for p in (tmp_path / "pngs", ref)]
-    assert in_memory.startswith("FID: ") and float(in_memory[5:]) == pytest.approx(fid_by_eigh(*stats[0], *stats[1]), abs=1e-3)
+    feats = [fid.folder_activations(p, inception, quiet=True)[0] for p in (tmp_path / "pngs", ref)]
+    assert in_memory.startswith("FID: ") and float(in_memory[5:]) == pytest.approx(fid_from_features(*feats), abs=1e-3)
 
 
 class NotWeights:  # a pickled object a safe load must refuse
@@ -2192,9 +2209,12 @@ def test_an_image_too_large_to_decode_is_called_too_large(tmp_path, monkeypatch,
     assert len(data) == 3 and "1 too large (over Pillow's limit of 1,000 pixels)" in capsys.readouterr().err
 
 
-def test_first_grid_comes_early_and_save_stats_needs_its_folder_first(tmp_path, inception_weights, capsys):
+def test_first_grid_comes_early_and_save_stats_needs_its_folder_first(tmp_path, inception_weights, capsys,
+                                                                      monkeypatch):
+    assert train.FIRST_GRID < train.parse_args([]).sample_every
     run = tmp_path / "run"
-    first = train.FIRST_GRID
+    first = 3  # the rule at the step it names, here early enough for a test
+    monkeypatch.setattr(train, "FIRST_GRID", first)
     assert train.main([*TINY, "--out", str(run), "--steps", str(first + 1), "--sample-every", "1000",
                        "--save-every", "1000"]) == 0
     assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_{first:06d}.png", f"step_{first + 1:06d}.png"]
