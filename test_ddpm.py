@@ -1119,7 +1119,7 @@ def test_frechet_distance_closed_forms():
 
 
 def test_frechet_distance_of_singular_covariances_is_finite():
-    s = np.diag([1.0, 0.0, 0.0])  # rank 1: sqrtm of the singular product needs care
+    s = np.diag([1.0, 0.0, 0.0])  # rank 1: the zero eigenvalues must give roots of 0, not of rounding noise
     assert fid.frechet_distance(np.zeros(3), s, np.ones(3), s) == pytest.approx(3.0, abs=1e-4)
 
 
