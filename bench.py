@@ -5,6 +5,8 @@
     python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants
     python bench.py --solvers runs/mnist    # DDIM vs DPM-Solver++: error against the ODE, s/image
     python bench.py --quality base minsnr   # training recipes on MNIST: FD after 15 CPU-minutes each
+    python bench.py --digits mnist/ 1000 digits/             # the first 1000 digits under digits/<label>/
+    python bench.py --digits mnist/ 1000 nn/ --nearest       # their lower halves from the nearest digit
 
 Measures training images/s (forward, backward, AdamW and EMA) for the tiny preset at 32x32 and
 faces64 at 64x64; sampling cost per denoising step and image, seconds per image for DDPM
@@ -304,6 +306,29 @@ def bench_recipe(name, args):
         w.writerows(rows)
 
 
+def export_digits(mnist, n, out, nearest=False):
+    """The first n MNIST digits as PNGs under out/<label>/ (the inputs of docs/editing.md). nearest: each
+    digit's lower half replaced by that of the other digit whose upper half is nearest in L2, a sample of
+    the data's own p(lower half | upper half), the reference for inpainting's class match."""
+    files = sorted(p for p in Path(mnist).iterdir() if p.name.endswith(cli.IDX_IMAGES)) if Path(mnist).is_dir() else []
+    if not files:
+        sys.exit(f"bench.py: no IDX images file (*{cli.IDX_IMAGES[0]}[.gz]) in {mnist}")
+    images_file = next((p for p in files if "t10k" in p.name), files[0])  # the test digits where there
+    x, y = torch.from_numpy(cli.read_idx_images(images_file).copy()), cli.read_idx_labels(images_file)
+    if nearest:
+        h = x.shape[1] // 2
+        upper = x[:, :h].flatten(1).double()
+        for i in range(n):
+            d = (upper - upper[i]).pow(2).sum(1)
+            d[i] = float("inf")
+            x[i, h:] = x[d.argmin(), h:]
+    for i in range(n):
+        folder = Path(out) / str(int(y[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        cli.save_image(x[i].numpy(), folder / f"{i:05d}.png")
+    print(f"wrote {n} digits under {out}/<label>/")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -327,7 +352,13 @@ def main():
     p.add_argument("--quality-dir", default="runs/quality", help="--quality: where runs and results.csv go")
     p.add_argument("--recipe-steps", type=int, help="--quality: train this many steps instead of --minutes' worth")
     p.add_argument("--fd-only", action="store_true", help="--quality: score the runs already trained")
+    p.add_argument("--digits", nargs=3, metavar=("MNIST", "N", "OUT"), help="write the first N test digits under "
+                   "OUT/<label>/ (the inputs and class labels of the inpainting measurements)")
+    p.add_argument("--nearest", action="store_true", help="--digits: lower halves from the nearest digit by upper half")
     args = p.parse_args()
+    if args.digits:
+        export_digits(args.digits[0], int(args.digits[1]), args.digits[2], args.nearest)
+        return
     if args.quality:
         if not (args.mnist and args.fd_tool):
             p.error("--quality needs --mnist FOLDER and --fd-tool SCRIPT")
