@@ -318,10 +318,11 @@ def export_digits(mnist, n, out, nearest=False):
     if nearest:
         h = x.shape[1] // 2
         upper = x[:, :h].flatten(1).double()
+        lower = x[:, h:].clone()  # from the originals: a completed digit is never a source
         for i in range(n):
             d = (upper - upper[i]).pow(2).sum(1)
             d[i] = float("inf")
-            x[i, h:] = x[d.argmin(), h:]
+            x[i, h:] = lower[d.argmin()]
     for i in range(n):
         folder = Path(out) / str(int(y[i]))
         folder.mkdir(parents=True, exist_ok=True)

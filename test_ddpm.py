@@ -1454,6 +1454,29 @@ def test_idx_files_are_read_exactly(tmp_path):
     assert np.array_equal(cli.load_folder(tmp_path, 28, 1)[:, 0].numpy(), imgs)
 
 
+
+def test_bench_digits_are_the_idx_digits_and_nearest_takes_the_lower_half_of_the_nearest_upper_half(tmp_path):
+    import bench
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (4, 6, 6), dtype=np.uint8)
+    imgs[1, :3] = imgs[0, :3] + (imgs[0, :3] < 250)  # 0 and 1 share an upper half but for 1s; 2, 3 far apart
+    imgs[2, :3], imgs[3, :3] = 0, 255
+    labels = np.array([4, 9, 4, 1], np.uint8)
+    for name, dims, data in (("images-idx3", [4, 6, 6], imgs), ("labels-idx1", [4], labels)):
+        with gzip.open(tmp_path / f"t10k-{name}-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, len(dims)]) + np.array(dims, ">i4").tobytes() + data.tobytes())
+    bench.export_digits(tmp_path, 4, tmp_path / "plain")
+    bench.export_digits(tmp_path, 3, tmp_path / "nn", nearest=True)
+    read = lambda path: np.array(Image.open(path))
+    assert sorted(p.relative_to(tmp_path / "plain").as_posix() for p in (tmp_path / "plain").rglob("*.png")) == [
+        "1/00003.png", "4/00000.png", "4/00002.png", "9/00001.png"]
+    assert all(np.array_equal(read(tmp_path / "plain" / f"{labels[i]}/{i:05d}.png"), imgs[i]) for i in range(4))
+    d = [((imgs[2, :3].astype(float) - imgs[j, :3]) ** 2).sum() for j in (0, 1, 3)]
+    nearest = {0: 1, 1: 0, 2: (0, 1, 3)[int(np.argmin(d))]}  # 0 and 1 each other's: each takes the other's original
+    for i, j in nearest.items():
+        out = read(tmp_path / "nn" / f"{labels[i]}/{i:05d}.png")
+        assert np.array_equal(out[:3], imgs[i, :3]) and np.array_equal(out[3:], imgs[j, 3:])
+
 def test_demo_shapes_are_deterministic_and_varied():
     a, b = cli.demo_shapes(64, 32, seed=3), cli.demo_shapes(64, 32, seed=3)
     assert torch.equal(a, b) and a.shape == (64, 3, 32, 32)
