@@ -310,11 +310,14 @@ def export_digits(mnist, n, out, nearest=False):
     """The first n MNIST digits as PNGs under out/<label>/ (the inputs of docs/editing.md). nearest: each
     digit's lower half replaced by that of the other digit whose upper half is nearest in L2, a sample of
     the data's own p(lower half | upper half), the reference for inpainting's class match."""
+    cli.check_output_folder(out)
     files = sorted(p for p in Path(mnist).iterdir() if p.name.endswith(cli.IDX_IMAGES)) if Path(mnist).is_dir() else []
     if not files:
         sys.exit(f"bench.py: no IDX images file (*{cli.IDX_IMAGES[0]}[.gz]) in {mnist}")
     images_file = next((p for p in files if "t10k" in p.name), files[0])  # the test digits where there
     x, y = torch.from_numpy(cli.read_idx_images(images_file).copy()), cli.read_idx_labels(images_file)
+    if n > len(x):
+        raise cli.UserError(f"{images_file} holds {len(x)} digits, fewer than {n}")
     if nearest:
         h = x.shape[1] // 2
         upper = x[:, :h].flatten(1).double()
@@ -358,7 +361,12 @@ def main():
     p.add_argument("--nearest", action="store_true", help="--digits: lower halves from the nearest digit by upper half")
     args = p.parse_args()
     if args.digits:
-        export_digits(args.digits[0], int(args.digits[1]), args.digits[2], args.nearest)
+        if not args.digits[1].isdigit() or int(args.digits[1]) < 1:
+            p.error(f"--digits: N must be a positive whole number, got {args.digits[1]!r}")
+        try:
+            export_digits(args.digits[0], int(args.digits[1]), args.digits[2], args.nearest)
+        except cli.UserError as e:
+            sys.exit(f"bench.py: {e}")
         return
     if args.quality:
         if not (args.mnist and args.fd_tool):
