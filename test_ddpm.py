@@ -1454,7 +1454,6 @@ def test_idx_files_are_read_exactly(tmp_path):
     assert np.array_equal(cli.load_folder(tmp_path, 28, 1)[:, 0].numpy(), imgs)
 
 
-
 def test_bench_digits_are_the_idx_digits_and_nearest_takes_the_lower_half_of_the_nearest_upper_half(tmp_path):
     import bench
     rng = np.random.default_rng(0)
@@ -1476,6 +1475,7 @@ def test_bench_digits_are_the_idx_digits_and_nearest_takes_the_lower_half_of_the
     for i, j in nearest.items():
         out = read(tmp_path / "nn" / f"{labels[i]}/{i:05d}.png")
         assert np.array_equal(out[:3], imgs[i, :3]) and np.array_equal(out[3:], imgs[j, 3:])
+
 
 def test_demo_shapes_are_deterministic_and_varied():
     a, b = cli.demo_shapes(64, 32, seed=3), cli.demo_shapes(64, 32, seed=3)
