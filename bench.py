@@ -31,6 +31,8 @@ import cli
 import ddpm
 import fid
 
+HERE = Path(__file__).resolve().parent  # train.py and sample.py sit beside this file
+
 
 def machine(device):
     cpu = platform.processor() or "unknown CPU"
@@ -250,7 +252,7 @@ def recipe_speed(name, flags, args):
     """Training images/s of a recipe, from a short run (its first 20 steps not counted)."""
     out = Path(args.quality_dir) / f"{name}.probe"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    cmd = [sys.executable, "train.py", "--data", args.mnist, "--out", str(out), *MNIST_RUN, *flags,
+    cmd = [sys.executable, str(HERE / "train.py"), "--data", args.mnist, "--out", str(out), *MNIST_RUN, *flags,
            "--steps", "60", "--log-every", "10"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(out / "log.csv") as f:
@@ -264,7 +266,7 @@ def recipe_fd(run, sampler, args):
     tag = "".join(c for c in sampler if c.isalnum() or c in "+-")
     folder = Path(f"{run}.samples") / tag
     subprocess.run(["rm", "-rf", str(folder)], check=True)
-    subprocess.run([sys.executable, "sample.py", str(run), "--n", str(args.fd_n), "--batch-size", "250",
+    subprocess.run([sys.executable, str(HERE / "sample.py"), str(run), "--n", str(args.fd_n), "--batch-size", "250",
                     "--sampler", kind, "--steps", calls, *" ".join(extra).split(), "--out", str(folder),
                     "--grid", f"{run}_{tag}.png"], check=True, stderr=subprocess.DEVNULL)
     fd = subprocess.run([sys.executable, args.fd_tool, str(folder)], check=True, capture_output=True, text=True)
@@ -289,7 +291,7 @@ def bench_recipe(name, args):
         steps = args.recipe_steps or round(args.minutes * 60 * ips / batch)
         subprocess.run(["rm", "-rf", str(run), f"{run}.samples"], check=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "train.py", "--data", args.mnist, "--out", str(run), *MNIST_RUN, *flags,
+        subprocess.run([sys.executable, str(HERE / "train.py"), "--data", args.mnist, "--out", str(run), *MNIST_RUN, *flags,
                         "--steps", str(steps)], check=True)
         minutes = round((time.perf_counter() - t0) / 60, 1)
     rows = []
