@@ -171,11 +171,12 @@ SOLVER_SPACINGS = ("linspace", "trailing", "lambda")  # the default, the one bef
 
 
 def oracle_std_errors(diffusion, x_T, nfes, spacings):
-    """std(x_0) - 0.5 for the exact predictor of x0 ~ N(0.3, 0.5^2): DDIM, DPM-Solver++(2M) and its SDE form
-    (eta = 1) at each number of model calls and spacing; clip_x0 off."""
+    """std(x_0) - 0.5 for the exact predictor of x0 ~ N(0.3, 0.5^2): DDIM, DPM-Solver++(2M) and the SDE forms
+    (eta = 1) of 2M and 3M at each number of model calls and spacing; clip_x0 off."""
     model, rows = gaussian_eps(diffusion), []
     for spacing in spacings:
-        for name, kw in (("ddim", None), ("dpm++2M", dict(eta=0.0)), ("sde-dpm++2M", dict(eta=1.0))):
+        for name, kw in (("ddim", None), ("dpm++2M", dict(eta=0.0)), ("sde-dpm++2M", dict(eta=1.0)),
+                         ("sde-dpm++3M", dict(eta=1.0, order=3))):
             run = (lambda k: diffusion.ddim_sample(model, x_T=x_T, steps=k, clip_x0=False, spacing=spacing)) if kw is None \
                 else (lambda k: diffusion.dpm_solver_sample(model, x_T=x_T, steps=k, clip_x0=False, spacing=spacing,
                                                             generator=torch.Generator(x_T.device).manual_seed(1), **kw))
@@ -200,7 +201,7 @@ def bench_solvers(args, device):
     with torch.inference_mode():
         out["s_per_image"] = {f"{name}_{k}": round(timed(lambda: fn(k), device, args.repeats) / batch.shape[0], 4)
                               for name, fn in (("ddim", lambda k: d.ddim_sample(net, x_T=batch, steps=k)),
-                                               ("dpm++2M", lambda k: d.dpm_solver_sample(net, x_T=batch, steps=k)))
+                                               ("dpm++2M", lambda k: d.dpm_solver_sample(net, x_T=batch, steps=k, order=2)))
                               for k in (10, 20, 50)}
     for name, rows in out.items():
         if name == "s_per_image":

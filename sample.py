@@ -3,7 +3,7 @@ DDPM (Ho et al. 2020), the reverse SDE, predictor-corrector and probability-flow
 classifier-free guidance (Ho & Salimans 2022), inpainting (replacement; RePaint, Lugmayr et al. 2022) and
 SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
 
-    python sample.py runs/demo --n 64                              # SDE-DPM-Solver++(2M) -> runs/demo/samples.png
+    python sample.py runs/demo --n 64                              # SDE-DPM-Solver++(3M) -> runs/demo/samples.png
     python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; one PNG per image in imgs/ too
     python sample.py runs/mnist --class 3 --guidance 3             # a class-conditional run: threes
     python sample.py runs/mnist --class all --n 2000 --out imgs/   # imgs/0/000000.png ... imgs/9/...
@@ -385,13 +385,14 @@ def parse_args(argv=None):
                                 "respaced; with --resample 250)")
     a("--spacing", choices=SPACINGS, help="time grid of ddpm/ddim/dpm++ (Diffusion: all; VE: time, lambda); "
                                           "None: the process's default")
-    a("--order", type=int, default=2, choices=(1, 2, 3), help="dpm++: DPM-Solver++ order (2M, 3M)")
+    a("--order", type=int, choices=(1, 2, 3), help="dpm++: DPM-Solver++ order (2M, 3M); None: the process's "
+                                                   "default, 3 for DDPM runs, 2 for VE (docs/samplers.md)")
     a("--corrector-steps", type=int, help="em/pc: Langevin corrector steps per step; None: 0 for em, 1 for pc")
     a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
     a("--eta", type=float, help="ddim, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: SDE-DPM-Solver++); "
-                              "None: 1 for dpm++ at orders 1-2 (docs/samplers.md), else 0")
+                              "None: 1 for dpm++ (docs/samplers.md), else 0")
     a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
     a("--class", dest="class_", metavar="CLASSES", help="class-conditional runs: 'all', or names or indices "
                                                        "such as 3 or 3,5,7; None: the data's class frequencies")
@@ -500,8 +501,6 @@ def check_modes(args, process):
         raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a VE run: use --nll")
     if args.spacing and args.spacing not in process.spacings:
         raise UserError(f"--spacing {args.spacing}: a {type(process).__name__} run has {', '.join(process.spacings)}")
-    if args.sampler == "dpm++" and args.eta > 0 and args.order > 2:
-        raise UserError("--eta > 0 with --sampler dpm++ (SDE-DPM-Solver++) needs --order 1 or 2")
     if args.trajectory and args.sampler == "ode":
         raise UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
     if args.invert and args.classes is not None and len(args.classes) != 1:
@@ -513,7 +512,7 @@ def check_args(args, process, cfg):
     check_outputs(args)
     check_numbers(args)
     if args.eta is None:
-        args.eta = 1.0 if args.sampler == "dpm++" and args.order <= 2 else 0.0
+        args.eta = 1.0 if args.sampler == "dpm++" else 0.0
     check_classes(args, cfg)
     check_modes(args, process)
     args.start = None
