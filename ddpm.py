@@ -911,6 +911,30 @@ class Replace:
         return torch.where(self.keep, known, x)
 
 
+class ReconstructionGuided(nn.Module):
+    """Reconstruction guidance for inpainting (Ho et al. 2022, "Video diffusion models", eq. 7), an eps model
+    to use with Replace: the unknown pixels' x0_hat moves down the gradient of the known pixels' reconstruction
+    error, x0_tilde = x0_hat - (weight alpha_t / 2) grad_{x_t} ||keep (x0 - x0_hat(x_t))||^2 on the unknown
+    pixels, so that they agree with the known ones through the model rather than only through x_t. Returns
+    (x_t - alpha_t x0_tilde) / sigma_t; each call costs a backward pass through the model. weight 0 is the
+    model itself. t: the model's times, which marginal_at reads."""
+
+    def __init__(self, model, process, x0, keep, weight):
+        super().__init__()
+        self.model, self.process, self.weight = model, process, weight
+        self.x0, self.keep = x0, keep.bool()
+
+    def forward(self, x, t):
+        alpha, sigma = (v.float().reshape(-1, *(1,) * (x.ndim - 1)) for v in self.process.marginal_at(t))
+        with torch.inference_mode(False), torch.enable_grad():  # autograd inside the samplers' inference mode
+            x, t, alpha, sigma, known, keep = (v.clone() for v in (x, t, alpha, sigma, self.x0, self.keep))
+            x.requires_grad_(True)
+            x0 = (x - sigma * self.model(x, t)) / alpha
+            grad, = torch.autograd.grad(torch.where(keep, known - x0, 0).square().sum(), x)
+        x0 = x0.detach() - torch.where(keep, 0, self.weight * alpha / 2 * grad)
+        return ((x.detach() - alpha * x0) / sigma).detach()
+
+
 def repaint_path(steps, jump=10, resample=10):
     """RePaint's schedule (Lugmayr et al. 2022, Algorithm 1 with jumps) as run_grid's path over the grid
     points 0 (the noise end) .. steps (the clean image): down one point at a time; on reaching a point whose

@@ -1,7 +1,7 @@
 """sample.py: images from a checkpoint of train.py: DPM-Solver++ (Lu et al. 2022), DDIM (Song et al. 2020),
 DDPM (Ho et al. 2020), the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021);
-classifier-free guidance (Ho & Salimans 2022), inpainting (replacement; RePaint, Lugmayr et al. 2022) and
-SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
+classifier-free guidance (Ho & Salimans 2022), inpainting (replacement; RePaint, Lugmayr et al. 2022;
+reconstruction guidance, Ho et al. 2022) and SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
 
     python sample.py runs/demo --n 64                              # SDE-DPM-Solver++(3M) -> runs/demo/samples.png
     python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; one PNG per image in imgs/ too
@@ -230,6 +230,8 @@ def edit_batch(args, process, net, cfg, x0, keep, gens, labels):
     """Inpainting (keep: the known pixels) or SDEdit of a batch x0 with the sampler, --n results each."""
     model = guided(args, net, cfg, labels)
     if keep is not None:
+        if args.recon_guidance:
+            model = ddpm.ReconstructionGuided(model, process, x0, keep, args.recon_guidance)
         path = ddpm.repaint_path(args.steps, args.jump, args.resample) if args.resample else None
         loop = dict(hook=ddpm.Replace(x0, keep, gens), **({"path": path} if path else {}))
         return sample_batch(args, process, model, x0.shape, None, gens, False, None, **loop)[0]
@@ -402,6 +404,8 @@ def parse_args(argv=None):
     a("--mask", help=f"--inpaint: a mask image, a folder of masks named as the images, or {', '.join(cli.MASKS)}")
     a("--resample", type=int, metavar="R", help="--inpaint with --sampler ddpm: RePaint, R passes over each jump")
     a("--jump", type=int, default=10, help="--resample: RePaint's jump length")
+    a("--recon-guidance", type=float, default=0.0, metavar="W", help="--inpaint: reconstruction guidance weight "
+                                                                     "(Ho et al. 2022, eq. 7), a backward pass a call")
     a("--edit", metavar="IMAGES", help="SDEdit: an image or a folder, noised to --strength and sampled back")
     a("--strength", default="0.5", help="--edit: t_0 as a share of the noise end (0: the input, 1: pure noise); "
                                         "comma-separated for a sweep")
@@ -452,10 +456,11 @@ def check_numbers(args):
     """Every number option, as one line."""
     for name, ok, rule in (("eta", lambda v: v >= 0, "a number >= 0"), ("mix", lambda v: True, "a number"),
                            ("snr", lambda v: v > 0, "a number > 0"), ("rtol", lambda v: v > 0, "a number > 0"),
-                           ("atol", lambda v: v > 0, "a number > 0"), ("guidance", lambda v: v >= 0, "a number >= 0")):
+                           ("atol", lambda v: v > 0, "a number > 0"), ("guidance", lambda v: v >= 0, "a number >= 0"),
+                           ("recon_guidance", lambda v: v >= 0, "a number >= 0")):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name} must be {rule}, got {value}")
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps", "resample", "jump"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
         if value is not None and value < least:
@@ -495,6 +500,8 @@ def check_modes(args, process):
         raise UserError("--resample (RePaint) resamples the ancestral sampler: --inpaint with --sampler ddpm")
     if args.resample:
         args.steps = args.steps or REPAINT_STEPS
+    if args.recon_guidance and not args.inpaint:
+        raise UserError("--recon-guidance guides inpainting: give --inpaint and --mask")
     if args.edit and args.edit_by == "inversion":
         args.sampler, args.eta = "ddim", 0.0
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):

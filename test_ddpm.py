@@ -828,6 +828,32 @@ def test_inpainting_samples_the_gaussian_conditional_and_repaint_closes_the_gap(
     assert errors[0] > 0.15 and errors[0] > errors[1] > errors[2] and errors[2] < errors[0] / 4, errors
 
 
+def test_reconstruction_guidance_pulls_the_unknown_pixel_to_its_gaussian_conditional():
+    """Ho et al. (2022)'s reconstruction guidance on the two correlated pixels: weight 0 is replacement alone;
+    at weight 2 the unknown pixel's mean and std come within a third of replacement's error of the conditional
+    N(0.30, 0.30^2) (replacement: mean 0.15, std 0.36), the known pixel exactly as given, and too large a weight
+    overshoots the mean; the guided eps is the model's where nothing is kept."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    v = 0.7
+    mean = (CORR_MU[1] + CORR_COV[1, 0] / CORR_COV[0, 0] * (v - CORR_MU[0])).item()
+    std = (CORR_COV[1, 1] - CORR_COV[1, 0] ** 2 / CORR_COV[0, 0]).sqrt().item()
+    x0, keep = torch.tensor([v, 0.0]).reshape(1, 1, 1, 2).expand(4096, 1, 1, 2), torch.tensor([True, False]).reshape(1, 1, 1, 2)
+    got = {}
+    for weight in (0.0, 2.0, 10.0):
+        g = gen(0)
+        model = ddpm.ReconstructionGuided(correlated_oracle(d), d, x0, keep, weight)
+        x = d.ddpm_sample(model, (4096, 1, 1, 2), steps=100, clip_x0=False, generator=g, hook=ddpm.Replace(x0, keep, g))
+        assert torch.equal(x[:, 0, 0, 0], x0[:, 0, 0, 0])
+        got[weight] = x[:, 0, 0, 1].mean().item(), x[:, 0, 0, 1].std().item()
+    error = {w: abs(m - mean) + abs(s - std) for w, (m, s) in got.items()}
+    assert error[0.0] > 0.15 and error[2.0] < error[0.0] / 3, got
+    assert got[10.0][0] > mean + 0.1, got
+    x_t, t = torch.randn(8, 1, 1, 2, generator=gen(1)), torch.full((8,), 300)
+    nothing = ddpm.ReconstructionGuided(correlated_oracle(d), d, x0[:8], torch.zeros(1, 1, 1, 2, dtype=torch.bool), 5.0)
+    with torch.inference_mode():  # as the samplers call it
+        assert torch.allclose(nothing(x_t, t), correlated_oracle(d)(x_t, t), atol=1e-6)
+
+
 def test_repaint_schedule_and_its_model_calls():
     path = ddpm.repaint_path(250, jump=10, resample=10)
     assert sum(j > i for i, j in zip(path, path[1:])) == 2410  # Lugmayr et al.'s 250 steps, j = 10, r = 10
@@ -2087,8 +2113,9 @@ def test_inpainting_from_the_command_line_keeps_the_known_half(tmp_path, cond_ru
     for rel in ("square/a.png", "b.png"):
         (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "in" / rel)
-    for extra in ([], ["--sampler", "ddpm", "--steps", "12", "--resample", "3", "--jump", "4", "--class", "square"]):
-        out = tmp_path / f"out{len(extra)}"
+    for i, extra in enumerate(([], ["--sampler", "ddpm", "--steps", "12", "--resample", "3", "--jump", "4", "--class", "square"],
+                               ["--recon-guidance", "5", "--class", "square"])):
+        out = tmp_path / f"out{i}"
         assert sample.main([str(cond_run), "--inpaint", str(tmp_path / "in"), "--mask", "lower-half", "--n", "2",
                             "--steps", "4", "--out", str(out), *extra]) == 0
         for rel in ("square/a", "b"):
@@ -2135,6 +2162,8 @@ def test_masks_and_images_of_every_mode_and_size_load_or_fail_with_one_line(tmp_
                        (["--inpaint", str(tmp_path / "colour.png"), "--mask", "center"], "a colour image"),
                        ([*inp, "--mask", "center", "--resample", "2"], "--sampler ddpm"),
                        ([*inp, "--mask", "center", "--sampler", "ode"], "not the adaptive ode"),
+                       ([*inp, "--mask", "center", "--recon-guidance", "-1"], "--recon-guidance must be a number >= 0"),
+                       (["--recon-guidance", "2"], "--recon-guidance guides inpainting"),
                        (["--edit", str(tmp_path / "in"), "--strength", "1.5"], "--strength takes numbers in [0, 1]"),
                        ([*inp, "--mask", "center", "--edit", str(tmp_path / "in")], "one at a time")):
         assert sample.main([str(cond_run), *argv, "--grid", str(tmp_path / "g.png")]) == 1, argv
