@@ -1,13 +1,13 @@
 """sample.py: images from a checkpoint of train.py: DPM-Solver++ (Lu et al. 2022), DDIM (Song et al. 2020),
 DDPM (Ho et al. 2020), the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021);
-classifier-free guidance (Ho & Salimans 2022), inpainting (replacement; RePaint, Lugmayr et al. 2022;
-reconstruction guidance, Ho et al. 2022) and SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
+classifier-free guidance (Ho & Salimans 2022), inpainting (replacement with reconstruction guidance, Ho et al.
+2022; RePaint, Lugmayr et al. 2022) and SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
 
     python sample.py runs/demo --n 64                              # SDE-DPM-Solver++(3M) -> runs/demo/samples.png
     python sample.py runs/demo --sampler ddpm --n 16 --out imgs/   # DDPM; one PNG per image in imgs/ too
     python sample.py runs/mnist --class 3 --guidance 3             # a class-conditional run: threes
     python sample.py runs/mnist --class all --n 2000 --out imgs/   # imgs/0/000000.png ... imgs/9/...
-    python sample.py runs/mnist --inpaint digits/ --mask lower-half --n 4 --out fills/
+    python sample.py runs/mnist --inpaint digits/ --mask lower-half --n 4 --out fills/  # --recon-guidance 10
     python sample.py runs/mnist --inpaint two.png --mask hole.png --sampler ddpm --steps 250 --resample 10
     python sample.py runs/mnist --edit sketch.png --strength 0.2,0.4,0.6,0.8,1.0    # SDEdit
     python sample.py runs/ve --sampler pc --steps 500              # predictor-corrector; em, ode too
@@ -42,6 +42,7 @@ from cli import UserError
 SPACINGS = ddpm.Diffusion.spacings  # every process's spacings are among these
 STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "em": 500, "pc": 500}  # --steps by sampler; ddpm: the whole chain
 REPAINT_STEPS = 250  # --resample without --steps: Lugmayr et al.'s 250 steps
+RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
 GRID_LIMIT, GRID_COLUMNS = 256, 16  # the grid shows the first samples; a class's row its first 16
 
 
@@ -404,8 +405,9 @@ def parse_args(argv=None):
     a("--mask", help=f"--inpaint: a mask image, a folder of masks named as the images, or {', '.join(cli.MASKS)}")
     a("--resample", type=int, metavar="R", help="--inpaint with --sampler ddpm: RePaint, R passes over each jump")
     a("--jump", type=int, default=10, help="--resample: RePaint's jump length")
-    a("--recon-guidance", type=float, default=0.0, metavar="W", help="--inpaint: reconstruction guidance weight "
-                                                                     "(Ho et al. 2022, eq. 7), a backward pass a call")
+    a("--recon-guidance", type=float, metavar="W", help="--inpaint: reconstruction guidance weight (Ho et al. 2022, "
+                                                        "eq. 7), a backward pass a call; 0: replacement alone; "
+                                                        f"None: {RECON_GUIDANCE:g}")
     a("--edit", metavar="IMAGES", help="SDEdit: an image or a folder, noised to --strength and sampled back")
     a("--strength", default="0.5", help="--edit: t_0 as a share of the noise end (0: the input, 1: pure noise); "
                                         "comma-separated for a sweep")
@@ -500,8 +502,10 @@ def check_modes(args, process):
         raise UserError("--resample (RePaint) resamples the ancestral sampler: --inpaint with --sampler ddpm")
     if args.resample:
         args.steps = args.steps or REPAINT_STEPS
-    if args.recon_guidance and not args.inpaint:
+    if args.recon_guidance is not None and not args.inpaint:
         raise UserError("--recon-guidance guides inpainting: give --inpaint and --mask")
+    if args.inpaint and args.recon_guidance is None:
+        args.recon_guidance = RECON_GUIDANCE
     if args.edit and args.edit_by == "inversion":
         args.sampler, args.eta = "ddim", 0.0
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):

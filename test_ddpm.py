@@ -828,16 +828,18 @@ def test_inpainting_samples_the_gaussian_conditional_and_repaint_closes_the_gap(
     assert errors[0] > 0.15 and errors[0] > errors[1] > errors[2] and errors[2] < errors[0] / 4, errors
 
 
-def test_reconstruction_guidance_pulls_the_unknown_pixel_to_its_gaussian_conditional():
-    """Ho et al. (2022)'s reconstruction guidance on the two correlated pixels: weight 0 is replacement alone;
-    at weight 2 the unknown pixel's mean and std come within a third of replacement's error of the conditional
-    N(0.30, 0.30^2) (replacement: mean 0.15, std 0.36), the known pixel exactly as given, and too large a weight
-    overshoots the mean; the guided eps is the model's where nothing is kept."""
-    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_reconstruction_guidance_pulls_the_unknown_pixel_to_its_gaussian_conditional(process):
+    """Ho et al. (2022)'s reconstruction guidance on the two correlated pixels, on both processes: weight 0 is
+    replacement alone; at weight 2 the unknown pixel's mean and std come within a third of replacement's error of
+    the conditional N(0.30, 0.30^2) (replacement: mean 0.14, std 0.37), the known pixel exactly as given, and too
+    large a weight overshoots the mean; the guided eps is the model's where nothing is kept."""
+    d = PROCESSES[process]()
     v = 0.7
     mean = (CORR_MU[1] + CORR_COV[1, 0] / CORR_COV[0, 0] * (v - CORR_MU[0])).item()
     std = (CORR_COV[1, 1] - CORR_COV[1, 0] ** 2 / CORR_COV[0, 0]).sqrt().item()
-    x0, keep = torch.tensor([v, 0.0]).reshape(1, 1, 1, 2).expand(4096, 1, 1, 2), torch.tensor([True, False]).reshape(1, 1, 1, 2)
+    x0 = torch.tensor([v, 0.0]).reshape(1, 1, 1, 2).expand(4096, 1, 1, 2)
+    keep = torch.tensor([True, False]).reshape(1, 1, 1, 2)
     got = {}
     for weight in (0.0, 2.0, 10.0):
         g = gen(0)
@@ -848,7 +850,7 @@ def test_reconstruction_guidance_pulls_the_unknown_pixel_to_its_gaussian_conditi
     error = {w: abs(m - mean) + abs(s - std) for w, (m, s) in got.items()}
     assert error[0.0] > 0.15 and error[2.0] < error[0.0] / 3, got
     assert got[10.0][0] > mean + 0.1, got
-    x_t, t = torch.randn(8, 1, 1, 2, generator=gen(1)), torch.full((8,), 300)
+    x_t, t = torch.randn(8, 1, 1, 2, generator=gen(1)), torch.full((8,), 300 if process == "vp" else 0.3)
     nothing = ddpm.ReconstructionGuided(correlated_oracle(d), d, x0[:8], torch.zeros(1, 1, 1, 2, dtype=torch.bool), 5.0)
     with torch.inference_mode():  # as the samplers call it
         assert torch.allclose(nothing(x_t, t), correlated_oracle(d)(x_t, t), atol=1e-6)
@@ -2113,9 +2115,11 @@ def test_inpainting_from_the_command_line_keeps_the_known_half(tmp_path, cond_ru
     for rel in ("square/a.png", "b.png"):
         (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "in" / rel)
-    for i, extra in enumerate(([], ["--sampler", "ddpm", "--steps", "12", "--resample", "3", "--jump", "4", "--class", "square"],
-                               ["--recon-guidance", "5", "--class", "square"])):
-        out = tmp_path / f"out{i}"
+    results = {}
+    for extra in ([], ["--recon-guidance", "0"], [f"--recon-guidance={sample.RECON_GUIDANCE}"],
+                  ["--sampler", "ddpm", "--steps", "12", "--resample", "3", "--jump", "4", "--class", "square"],
+                  ["--recon-guidance", "5", "--class", "square"]):
+        out = tmp_path / f"out{len(results)}"
         assert sample.main([str(cond_run), "--inpaint", str(tmp_path / "in"), "--mask", "lower-half", "--n", "2",
                             "--steps", "4", "--out", str(out), *extra]) == 0
         for rel in ("square/a", "b"):
@@ -2123,7 +2127,10 @@ def test_inpainting_from_the_command_line_keeps_the_known_half(tmp_path, cond_ru
             for k in range(2):
                 result = np.asarray(Image.open(out / f"{rel}_{k}.png"))
                 assert np.array_equal(result[:8], source[:8]) and not np.array_equal(result[8:], source[8:])
+                results.setdefault(" ".join(extra), []).append(result)
         assert Image.open(cond_run / "inpaint.png").size == (4 * 18 + 2, 2 * 18 + 2)  # input, masked input, 2 results
+    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(results[a], results[b]))
+    assert same("", f"--recon-guidance={sample.RECON_GUIDANCE}") and not same("", "--recon-guidance 0")  # the default
 
 
 def test_masks_and_images_of_every_mode_and_size_load_or_fail_with_one_line(tmp_path, cond_run, trained_run,
