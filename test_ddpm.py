@@ -844,14 +844,15 @@ def test_reconstruction_guidance_pulls_the_unknown_pixel_to_its_gaussian_conditi
     for weight in (0.0, 2.0, 10.0):
         g = gen(0)
         model = ddpm.ReconstructionGuided(correlated_oracle(d), d, x0, keep, weight)
-        x = d.ddpm_sample(model, (4096, 1, 1, 2), steps=100, clip_x0=False, generator=g, hook=ddpm.Replace(x0, keep, g))
+        x = d.ddpm_sample(model, (4096, 1, 1, 2), steps=100, clip_x0=False, generator=g,
+                          hook=ddpm.Replace(x0, keep, g))
         assert torch.equal(x[:, 0, 0, 0], x0[:, 0, 0, 0])
         got[weight] = x[:, 0, 0, 1].mean().item(), x[:, 0, 0, 1].std().item()
     error = {w: abs(m - mean) + abs(s - std) for w, (m, s) in got.items()}
     assert error[0.0] > 0.15 and error[2.0] < error[0.0] / 3, got
     assert got[10.0][0] > mean + 0.1, got
     x_t, t = torch.randn(8, 1, 1, 2, generator=gen(1)), torch.full((8,), 300 if process == "vp" else 0.3)
-    nothing = ddpm.ReconstructionGuided(correlated_oracle(d), d, x0[:8], torch.zeros(1, 1, 1, 2, dtype=torch.bool), 5.0)
+    nothing = ddpm.ReconstructionGuided(correlated_oracle(d), d, x0[:8], torch.zeros_like(keep), 5.0)
     with torch.inference_mode():  # as the samplers call it
         assert torch.allclose(nothing(x_t, t), correlated_oracle(d)(x_t, t), atol=1e-6)
 
