@@ -383,7 +383,7 @@ def eps_distance(eps, noise, loss_type, weight=None, reduction="mean"):
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
     fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[loss_type]
-    per_sample = fn(eps, noise, reduction="none").flatten(1).mean(1)
+    per_sample = fn(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)  # in float32 under autocast
     if weight is not None:
         per_sample = per_sample * weight
     return per_sample.mean() if reduction == "mean" else per_sample
@@ -402,23 +402,64 @@ class EpsFromV(nn.Module):
         return sigma.reshape(-1, 1, 1, 1) * x + alpha.reshape(-1, 1, 1, 1) * self.model(x, t, *labels)
 
 class Guided(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022) for labels y [B] of a class-conditional model:
-    eps~ = eps(x, null) + s (eps(x, y) - eps(x, null)), with s = 1 + w for their w (the guidance scale of
-    diffusers and k-diffusion): s = 1 is the conditional model, s = 0 the unconditional one. Both halves go
-    through the model as one batch of 2B. null: the null class's label (the U-Net's num_classes)."""
+    """An eps model guided by a second one: eps~ = eps_guide + s (eps_main - eps_guide). x0_hat is affine in
+    eps with the same coefficients for both, so this is the guidance D_w = D_guide + w (D_main - D_guide) of
+    Karras et al. 2024 (eq. 1, their w = s).
 
-    def __init__(self, model, y, scale, null):
+    Classifier-free guidance (Ho & Salimans 2022), guide=None: main = model(x, t, y), guide = the same model
+    with the null label (the U-Net's num_classes), both in one call on a batch of 2B; s = 1 + w for their w
+    (the scale of diffusers and k-diffusion): s = 1 is the conditional model, s = 0 the unconditional one.
+    Autoguidance (Karras et al. 2024), guide=a weaker eps model (the same network earlier in its training):
+    one call of each, both with y where y is given (a class-conditional pair) or none.
+    interval=(lo, hi), with process: guidance only where lo < sigma_t / alpha_t <= hi, the main model alone
+    (one call) elsewhere (Kynkaanniemi et al. 2024); sigma/alpha = exp(-lambda_t) is the same noise level on
+    every process (EDM's sigma on VP). Deciding it reads t's values on the host, once a call."""
+
+    def __init__(self, model, y, scale, null=None, guide=None, interval=None, process=None):
         super().__init__()
-        self.model, self.y, self.scale, self.null = model, y, float(scale), null
+        if guide is None and y is not None and null is None:
+            raise ValueError("classifier-free guidance needs the null label (null=num_classes)")
+        if interval is not None and process is None:
+            raise ValueError("a guidance interval needs the process, for sigma_t / alpha_t")
+        self.model, self.guide, self.y, self.scale, self.null = model, guide, y, float(scale), null
+        self.interval, self.process = interval, process
+
+    def _call(self, model, x, t, y):
+        return model(x, t) if y is None else model(x, t, y)
+
+    def _inside(self, t):
+        if self.interval is None:
+            return True
+        alpha, sigma = self.process.marginal_at(t)
+        ratio, (lo, hi) = (sigma / alpha).double(), self.interval
+        inside = ((ratio > lo) & (ratio <= hi)).tolist()
+        if all(inside) or not any(inside):
+            return all(inside)
+        return torch.tensor(inside, device=t.device).reshape(-1, *(1,) * 3)
 
     def forward(self, x, t):
-        if self.scale == 1:
-            return self.model(x, t, self.y)
-        if self.scale == 0:
+        inside = self.scale != 1 and self._inside(t)
+        if inside is False or self.scale == 1:
+            return self._call(self.model, x, t, self.y)
+        if self.guide is not None:
+            main, weak = self._call(self.model, x, t, self.y), self._call(self.guide, x, t, self.y)
+        elif self.scale == 0 and inside is True:
             return self.model(x, t, torch.full_like(self.y, self.null))
-        cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                                  torch.cat([self.y, torch.full_like(self.y, self.null)])).chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        else:
+            main, weak = self.model(torch.cat([x, x]), torch.cat([t, t]),
+                                    torch.cat([self.y, torch.full_like(self.y, self.null)])).chunk(2)
+        guided = weak + self.scale * (main - weak)
+        return guided if inside is True else torch.where(inside, guided, main)
+
+
+def gaussian_eps(process, mu=0.3, sd=0.5):
+    """The exact eps-model of data x0 ~ N(mu, sd^2 I) on any process x_t = alpha_t x0 + sigma_t z:
+    E[eps | x_t] = sigma (x_t - alpha mu) / (alpha^2 sd^2 + sigma^2), at integer or float t. Every sampler's
+    answer for it is known in closed form, which makes it the reference model of the tests and benchmarks."""
+    def model(x, t):
+        alpha, sigma = (v.reshape(-1, *(1,) * (x.ndim - 1)) for v in process.marginal_at(t))
+        return sigma * (x - alpha * mu) / (alpha ** 2 * sd ** 2 + sigma ** 2)
+    return model
 
 
 def drop_labels(y, p, null, generator=None):
@@ -440,6 +481,9 @@ DOPRI_E = (71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 
 
 def _rms(x):
     return x.pow(2).mean().sqrt().item()  # a host sync: used once per solver step, for step-size control
+
+
+ODE_MAX_CALLS = 100_000  # odeint gives up past this: at rtol = atol = 1e-5 the samplers here take about 100-300
 
 
 def odeint(f, y, t0, t1, rtol=1e-5, atol=1e-5, progress=None):
@@ -466,6 +510,9 @@ def odeint(f, y, t0, t1, rtol=1e-5, atol=1e-5, progress=None):
         ratio = _rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
         if not math.isfinite(ratio):
             raise ValueError(f"the ODE state is no longer finite at t = {t:.4g}")
+        if h < 1e-10 * span or nfe > ODE_MAX_CALLS:  # the tolerance lies below the state's rounding
+            raise ValueError(f"the ODE solver is stuck at t = {t:.4g} (step {h:.2g}, {nfe} calls): rtol {rtol:g} and "
+                             f"atol {atol:g} are below what {y.dtype} can reach")
         if ratio <= 1:
             done = span if span - done <= h else done + h
             y, k1 = y_new, ks[6]
@@ -520,7 +567,9 @@ def dpm_solver_coefficients(alpha, sigma, order=2, eta=0.0, lower_order_final=Fa
     (DDIM); order 2 (Algorithm 2) takes D = (1 + 1/2r) m_0 - 1/2r m_1, r = h_{k-1} / h_k; order 3 adds the
     second difference. The order drops to what the history allows on the first steps, to 1 on the last
     step (h = inf) and, with lower_order_final, to 1 on the step into the last model call and at most 2
-    before it, as Lu et al.'s code does for grids that end at the data end, where that step is long.
+    before it, on every grid that ends at the data end, where that step is long. (Lu et al.'s code lowers the
+    order there only below 10 steps; a long last step in lambda is as long at 20 steps, and its high-order
+    extrapolation is as unstable, so the lower order pays at every step count.)
 
     eta > 0 is SDE-DPM-Solver++ (Lu et al. 2022b, appendix) with its noise scaled by eta:
     c = sigma_{k+1} / sigma_k e^(-eta h), phi_1 = expm1(-(1 + eta) h) and s = sigma_{k+1} sqrt(-expm1(-2 eta h)),
@@ -835,10 +884,6 @@ class ScoreSDE(nn.Module):
                 progress(k + 1, len(times))
         return x
 
-    def dpm_solver_coefficients(self, times, order, eta=0.0):
-        """dpm_solver_coefficients on this process's grid `times` (descending): (c, w, s)."""
-        return dpm_solver_coefficients(*self._grid(torch.as_tensor(times)), order, eta)
-
     # -- the probability-flow ODE and the likelihood ------------------------------------------------
 
     def _eps(self, model, x, t):
@@ -977,9 +1022,7 @@ class Diffusion(ScoreSDE):
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # beta-tilde, eq. 7
         buffers = dict(
             betas=betas,
-            alphas=alphas,
             alphas_cumprod=alphas_cumprod,
-            alphas_cumprod_prev=alphas_cumprod_prev,
             sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
             sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
             sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
