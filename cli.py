@@ -37,9 +37,14 @@ class Stopped(Exception):
     """SIGTERM: torchrun ends the other processes when one fails (or the job is cancelled)."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C after the work was put away (train.py saved its checkpoint): its message, exit status 130."""
+
+
 def run_command(script, body, lost_note=""):
     """The main() of every command: body(procs) with this process's Processes; a UserError, ValueError,
-    OSError or a lost torchrun peer is one line on stderr and exit status 1, Ctrl-C is 130."""
+    OSError or a lost torchrun peer is one line on stderr and exit status 1, Ctrl-C is 130 (as shells expect,
+    so that `train.py ... && sample.py ...` does not go on with a half-trained run)."""
     procs = Processes()
     try:
         body(procs)
@@ -55,6 +60,10 @@ def run_command(script, body, lost_note=""):
     except KeyboardInterrupt:
         print(f"\n{script}: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as e:
+        if procs.main:
+            print(f"\n{script}: interrupted: {e}", file=sys.stderr)
+        return 130
     finally:
         procs.close()
     return 0
@@ -68,7 +77,75 @@ def check_device(name):
         raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
+    backend = getattr(torch, device.type, None)
+    if device.type not in ("cpu", "cuda") and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise UserError(f"--device {name}: this build of torch cannot compute on {device.type} here; use cpu or cuda")
     return device
+
+# ----------------------------------------------------------------------------------------------
+# mixed precision: --amp of train.py and sample.py
+
+AMP = ("auto", "bf16", "fp16", "fp32")
+AMP_MARGIN = 0.9  # auto takes bf16 when its timed step is below this share of float32's
+
+
+def native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Whether the device computes bfloat16 natively: CUDA's own answer; on a CPU the x86 flags avx512_bf16
+    (AMD Zen 4, Intel Cooper Lake) or amx_bf16 (Intel Sapphire Rapids and later) in `cpuinfo`. Where they are
+    missing (and off Linux), oneDNN emulates bfloat16 and is slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def autocast(amp, device):
+    """The torch.autocast context of a resolved --amp ("bf16", "fp16"; "fp32" or None: disabled)."""
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp in ("bf16", "fp16"))
+
+
+class Autocast(torch.nn.Module):
+    """A model whose calls run under autocast (a resolved --amp) and return float32, for the samplers."""
+
+    def __init__(self, model, amp, device):
+        super().__init__()
+        self.model, self.amp, self.device = model, amp, device
+
+    def forward(self, *args):
+        with autocast(self.amp, self.device):
+            return self.model(*args).float()
+
+
+def choose_amp(requested, device, seconds_per_step):
+    """--amp resolved for this device: (choice, the line that says why, or None). "auto" is bf16 where the
+    device computes it natively and, on a CPU, seconds_per_step(amp) times bf16's step below AMP_MARGIN of
+    float32's; fp32 elsewhere. fp16 needs CUDA (its loss scaling does not exist on other devices)."""
+    if requested in (None, "fp32"):
+        return "fp32", None
+    if requested == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16 (or auto)")
+    if requested != "auto":
+        return requested, None
+    if not native_bf16(device):
+        return "fp32", f"amp: fp32 (this {'processor' if device.type == 'cpu' else 'device'} has no native bfloat16)"
+    if device.type != "cpu":
+        return "bf16", f"amp: bf16 ({device.type} supports it natively)"
+    times = {"fp32": [], "bf16": []}
+    for amp in ("fp32", "bf16") * 3:  # alternated, the first of each a warm-up: the best of the other two
+        times[amp].append(seconds_per_step(amp))
+    fp32, bf16 = min(times["fp32"][1:]), min(times["bf16"][1:])
+    choice = "bf16" if bf16 < AMP_MARGIN * fp32 else "fp32"
+    return choice, (f"amp: {choice} (native bfloat16 on this processor; a timed step: fp32 {fp32 * 1e3:.0f} ms, "
+                    f"bf16 {bf16 * 1e3:.0f} ms)")
+
 
 # ----------------------------------------------------------------------------------------------
 # processes: one (python script.py), or many launched by torchrun (torch.distributed)
@@ -291,16 +368,17 @@ def check_new_picture(path):
 
 def check_output_folder(folder):
     """A folder for per-image files: new, empty, or holding only pictures that save_image wrote (a former
-    output); UserError for a file, or a folder of the user's."""
+    output, whose files are returned: the caller replaces them, so that the folder holds one output alone);
+    UserError for a file, or a folder of the user's."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: a file, not a folder")
-    if folder.is_dir():
-        files = [p for p in folder.rglob("*") if not p.is_dir()]
-        theirs = next((p for p in files if not written_by_us(p)), None)
-        if theirs is not None:
-            raise UserError(f"{folder}: holds files that this toolkit did not write ({theirs.name}); "
-                            "choose a new or empty folder")
+    files = [p for p in folder.rglob("*") if not p.is_dir()] if folder.is_dir() else []
+    theirs = next((p for p in files if not written_by_us(p)), None)
+    if theirs is not None:
+        raise UserError(f"{folder}: holds files that this toolkit did not write ({theirs.name}); "
+                        "choose a new or empty folder")
+    return files
 
 
 def to_uint8(x):
@@ -481,6 +559,22 @@ def _classes_of(folder, files, idx):
     return classes, [classes.index(f.relative_to(folder).parts[0]) for f in files], np.zeros(0, np.int64)
 
 
+def check_classes(folder, classes, labels, from_idx=False):
+    """A labelled set's classes each with an image left after decoding (UserError naming one that has none: it
+    would be trained on nothing and sampled); a note naming the top-level subfolders of an image set that hold
+    no images, which are not classes."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise UserError(f"--data {folder}: class {empty[0]} has no readable image"
+                        + (f" (nor {', '.join(empty[1:])})" if len(empty) > 1 else "") + "; remove it or add images")
+    bare = [] if from_idx else sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and p.name not in classes)
+    if bare:
+        print(f"note: --data {folder}: {', '.join(bare)} hold{'s' * (len(bare) == 1)} no images and "
+              f"{'is' if len(bare) == 1 else 'are'} not {'a class' if len(bare) == 1 else 'classes'}",
+              file=sys.stderr)
+
+
 def _listing(folder):
     folder = Path(folder)
     if not folder.is_dir():
@@ -544,6 +638,7 @@ def load_images(folder, size, channels, workers=0, labelled=False):
     labels = None
     if labelled:
         labels = torch.from_numpy(np.concatenate([idx_labels, np.array(file_class, np.int64)[kept]]).astype(np.int64))
+        check_classes(folder, classes, labels, bool(idx))
     if stream:
         print(f"{folder}: {len(found)} images at {size}x{size} would need {need / 2**30:.1f} GiB; decoding each "
               f"batch from disk instead", file=sys.stderr)
@@ -602,7 +697,13 @@ def image_files(path):
     files = list_images(path)
     if not files:
         raise UserError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files, [str(f.relative_to(path).with_suffix("")) for f in files]
+    names, seen = [str(f.relative_to(path).with_suffix("")) for f in files], {}
+    for f, name in zip(files, names):
+        if name in seen:  # x.png and x.jpg: their results would be written over each other
+            raise UserError(f"{seen[name].name} and {f.name} in {f.parent} share the name {Path(name).name}, and so "
+                            "would their results: rename one")
+        seen[name] = f
+    return files, names
 
 
 def _fitted(path, size, mode, what):

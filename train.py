@@ -15,6 +15,7 @@ top-level subfolder as a class and trains one network for the conditional and th
 saves it), log.csv, loss.png and samples/step_NNNNNN.png grids drawn by the EMA model.
 """
 import argparse
+import copy
 import csv
 import dataclasses
 import io
@@ -81,9 +82,9 @@ SETTINGS = (
     S("T", 1000, "diffusion steps", valid=at_least(1)),
     S("schedule", help="None: linear (Ho et al.) at --T 1000, else rescaled-linear (docs/recipes.md)",
       choices=ddpm.SCHEDULES),
-    S("beta_start", 1e-4),
-    S("beta_end", 0.02),
-    S("loss", "l2", choices=ddpm.LOSSES),
+    S("beta_start", 1e-4, "linear schedules: beta_1 (Ho et al.)"),
+    S("beta_end", 0.02, "linear schedules: beta_T (Ho et al.; rescaled-linear: x 1000/T)"),
+    S("loss", "l2", "the distance of the prediction to its target (l2: Ho et al.'s L_simple)", choices=ddpm.LOSSES),
     S("class_cond", False, "class-conditional: each top-level subfolder of --data is a class (MNIST's IDX images "
       "take their labels file; the demo shapes their kind), and classifier-free guidance when sampling",
       legacy=False),
@@ -97,15 +98,20 @@ SETTINGS = (
     S("min_snr", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs; 0: off); None: the "
       "preset's recipe", type=float, valid=((lambda v: v >= 0), "a number >= 0 (0: off)"), legacy=0.0,
       metavar="GAMMA"),
-    S("preset", "tiny", choices=tuple(sorted(ddpm.PRESETS)), stored=False),
-    S("base_channels", type=int, valid=at_least(1), model="base_channels"),
+    S("preset", "tiny", "the U-Net's size and its training recipe (README: the presets)",
+      choices=tuple(sorted(ddpm.PRESETS)), stored=False),
+    S("base_channels", help="channels at full resolution; None: the preset's", type=int, valid=at_least(1),
+      model="base_channels"),
     S("channel_mults", help="e.g. 1,2,2", model="channel_mults"),
-    S("num_res_blocks", type=int, valid=at_least(1), model="num_res_blocks"),
+    S("num_res_blocks", help="residual blocks per resolution; None: the preset's", type=int, valid=at_least(1),
+      model="num_res_blocks"),
     S("attn_resolutions", help="e.g. 16 or 16,8; 'none' for no attention", model="attn_resolutions"),
     S("num_heads", help="attention heads", type=int, valid=at_least(1), model="num_heads"),
-    S("dropout", type=float, valid=at_least(0), model="dropout"),
-    S("act", "silu", choices=("silu", "relu"), model="activation"),
-    S("norm", "group", choices=("group", "batch"), model="norm"),
+    S("dropout", help="dropout in the residual blocks; None: the preset's", type=float, valid=at_least(0),
+      model="dropout"),
+    S("act", "silu", "activation", choices=("silu", "relu"), model="activation"),
+    S("norm", "group", "normalisation: GroupNorm (Wu & He 2018) or BatchNorm", choices=("group", "batch"),
+      model="norm"),
     S("norm_group_size", help="channels per GroupNorm group; 0: gcd(32, C) groups (Ho et al.'s 32 at their "
       "widths: the cifar10 and faces64 presets' rule); None: the preset's", type=int, valid=at_least(0),
       model="norm_group_size"),
@@ -117,22 +123,29 @@ SETTINGS = (
     S("warmup", 200, "linear warm-up steps", valid=at_least(0)),
     S("decay", "cosine", "learning-rate decay to 10%% after warm-up", choices=("cosine", "none")),
     S("grad_clip", 1.0, "max gradient norm (0: off)", valid=at_least(0)),
-    S("ema_decay", 0.999, valid=((lambda v: 0 <= v < 1), "in [0, 1)")),
+    S("ema_decay", 0.999, "decay of the weights' exponential moving average, which samples",
+      valid=((lambda v: 0 <= v < 1), "in [0, 1)")),
     S("steps", help="optimizer steps; None: 1500 on the demo set, else --epochs worth", type=int, valid=at_least(1)),
-    S("epochs", 100, valid=at_least(1)),
-    S("amp", help="autocast on CUDA", choices=("bf16", "fp16")),
+    S("epochs", 100, "passes over --data when --steps is not given", valid=at_least(1)),
+    S("amp", "auto", "mixed precision: autocast to bf16 (CPU or CUDA) or fp16 (CUDA), with float32 weights, "
+      "optimizer and EMA; fp32: none; auto: bf16 where the device computes it natively (on a CPU, when a timed "
+      "step is also faster), else fp32 (docs/performance.md)", choices=cli.AMP, legacy="fp32"),
     S("compile", False, "torch.compile the model"),
     S("channels_last", False, "channels_last memory format (docs/performance.md: faster on some models)",
       legacy=False),
-    S("seed", 0),
-    S("device", "cuda" if torch.cuda.is_available() else "cpu"),
+    S("snapshots", "1/16,1/8,1/4", "fractions of --steps at which the EMA weights are kept as snapshots/"
+      "<a>-<b>.pt, the guides of autoguidance (sample.py --guide 1/16; Karras et al. 2024); 'none': none",
+      legacy="none"),
+    S("seed", 0, "seed of the weights, the batches, the noise and the grids"),
+    S("device", "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N"),
     S("sample_every", 500, "steps between sample grids (0: off)", valid=at_least(0)),
-    S("sample_n", 36, valid=at_least(1)),
+    S("sample_n", 36, "samples in each grid", valid=at_least(1)),
     S("sample_steps", 20, "SDE-DPM-Solver++ steps for the grids and FID", valid=at_least(1)),
-    S("save_every", 500, valid=at_least(1)),
-    S("log_every", 10, valid=at_least(1)),
+    S("save_every", 500, "steps between checkpoints (and one at the end)", valid=at_least(1)),
+    S("log_every", 10, "steps between lines of log.csv", valid=at_least(1)),
     S("fid_every", 0, "steps between FIDs against the training set (0: off)", valid=at_least(0)),
-    S("fid_samples", 1000, valid=at_least(2, " (a covariance)")),
+    S("fid_samples", 1000, "samples (and training images) of each --fid-every FID",
+      valid=at_least(2, " (a covariance)")),
 )
 LEGACY = {s.name: s.legacy for s in SETTINGS if s.legacy is not None}
 # Training defaults by preset. The tiny preset's recipe was measured on MNIST at a budget of 15
@@ -168,10 +181,69 @@ def check_args(args):
         raise UserError("--prediction v and --min-snr apply to --process ddpm; a ve model predicts the scaled score")
     if args.data and not args.resume and Path(args.out).resolve().is_relative_to(Path(args.data).resolve()):
         raise UserError(f"--out {args.out} is inside --data {args.data}: its grids would become training images")
-    cli.check_device(args.device)
+    device = cli.check_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16 (or auto)")
+    snapshot_fractions(args.snapshots)
+    if not args.resume:
+        note_unused_options(args)
 
 
-RUN_FILES = ("config.json", "log.csv", "loss.png", "fid.csv", "samples", ".lock")  # what a run folder holds
+def note_unused_options(args):
+    """A note for each option given that has no effect on this run, and for guided grids of a class-conditional
+    run whose null label is never trained (--label-dropout 0)."""
+    defaults = vars(parse_args([]))
+    for name, applies, why in (("label_dropout", args.class_cond, "--class-cond"),
+                               ("sample_guidance", args.class_cond, "--class-cond"),
+                               ("sigma", args.process == "ve", "--process ve")):
+        if not applies and getattr(args, name) != defaults[name]:
+            print(f"note: --{name.replace('_', '-')} has no effect without {why}", file=sys.stderr)
+    if args.class_cond and args.label_dropout == 0 and args.sample_guidance != 1:
+        print(f"note: --label-dropout 0 leaves the null label untrained, and the grids use classifier-free guidance "
+              f"{args.sample_guidance:g}, which needs it: --sample-guidance 1, or a --label-dropout above 0",
+              file=sys.stderr)
+
+
+def snapshot_fractions(spec):
+    """--snapshots as {name: fraction}: 'none', or comma-separated fractions a/b (or decimals) in (0, 1)."""
+    if spec == "none":
+        return {}
+    fractions = {}
+    for item in spec.split(","):
+        try:
+            value = eval_fraction(item)
+        except (ValueError, ZeroDivisionError):
+            value = math.nan
+        if not 0 < value < 1:  # nan too
+            raise UserError(f"--snapshots takes fractions of the run in (0, 1) such as 1/16,1/4, or none; got {item!r}")
+        fractions[item.strip()] = value
+    return fractions
+
+
+def eval_fraction(text):
+    """'1/16' -> 0.0625, '0.25' -> 0.25 (ValueError for anything else)."""
+    num, _, den = text.strip().partition("/")
+    value = float(num) / float(den) if den else float(num)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def snapshot_steps(cfg):
+    """{step: [names]} of the run's snapshots: round(fraction x steps), at least step 1 (short runs may keep
+    several fractions at one step)."""
+    steps = {}
+    for name, f in snapshot_fractions(cfg["snapshots"]).items():
+        steps.setdefault(max(1, round(f * cfg["steps"])), []).append(name)
+    return steps
+
+
+def snapshot_path(out, name):
+    """Where the snapshot at fraction `name` ('1/16') is kept: RUN/snapshots/1-16.pt."""
+    return Path(out) / "snapshots" / f"{name.replace('/', '-')}.pt"
+
+
+RUN_FILES = ("config.json", "log.csv", "loss.png", "fid.csv", "samples", "snapshots", ".lock")  # what a run folder holds
 
 
 LOG_HEADER = ["step", "epoch", "loss", "lr", "images_per_s"]
@@ -190,7 +262,16 @@ def never_saved(out):
             and header == [",".join(LOG_HEADER)]):
         return False
     ours = all(p.name in RUN_FILES or p.name.startswith(".ckpt.pt.") for p in out.iterdir())
-    return ours and all(cli.written_by_us(p) for p in (out / "samples").glob("*"))
+    return ours and all(cli.written_by_us(p) for p in (out / "samples").glob("*")) and all(
+        is_snapshot(p) for p in (out / "snapshots").glob("*"))
+
+
+def is_snapshot(path):
+    """Whether path is a snapshot that train.py wrote (RunFolder.snapshot), read safely."""
+    try:
+        return "snapshot" in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
 
 
 def prepare_out(out):
@@ -430,9 +511,7 @@ def build(cfg, resumed, device, procs):
             torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
             if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    use_amp = bool(cfg["amp"]) and device.type == "cuda"
-    if cfg["amp"] and not use_amp and procs.main:
-        print("note: --amp applies on CUDA only; training in float32", file=sys.stderr)
+    cfg["amp"] = resolve_amp(cfg, model, process, device, procs)
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model.to(memory_format=memory_format)
     net = model
@@ -442,9 +521,35 @@ def build(cfg, resumed, device, procs):
     return SimpleNamespace(
         model=model, ema=ema, process=process, opt=opt, draws=draws, step=step, net=net,
         fwd=torch.compile(net) if cfg["compile"] else net, memory_format=memory_format,
-        amp=dict(device_type=device.type, enabled=use_amp,
-                 dtype=torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16),
-        scaler=torch.amp.GradScaler(enabled=use_amp and cfg["amp"] == "fp16"))
+        autocast=lambda: cli.autocast(cfg["amp"], device),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"))
+
+
+def resolve_amp(cfg, model, process, device, procs):
+    """The run's --amp as it will train (cli.choose_amp): a resumed run keeps the choice its configuration
+    records (None, from before auto existed: fp32). Under torchrun bf16 is taken only when every process
+    chose it, so that all compute alike."""
+    if cfg["amp"] != "auto":
+        return cli.choose_amp(cfg["amp"] or "fp32", device, None)[0]
+    m, n = cfg["model"], min(cfg["batch_size"] // procs.world, 16)
+    probe = copy.deepcopy(model).train()
+    x0 = torch.randn((n, m["in_channels"], m["image_size"], m["image_size"]), device=device,
+                     generator=torch.Generator(device).manual_seed(0))
+    t = process.train_t(n, generator=torch.Generator(device).manual_seed(0), device=device)
+
+    def seconds(amp):  # one forward and backward of a copy, on noise; the training's random states untouched
+        with torch.random.fork_rng(devices=[]):
+            start = time.perf_counter()
+            with cli.autocast(amp, device):
+                loss = process.loss(probe, x0, t=t, noise=x0, **loss_options(cfg))
+            loss.backward()
+            return time.perf_counter() - start
+    choice, why = cli.choose_amp("auto", device, seconds)
+    if procs.world > 1:
+        choice = "bf16" if procs.min(torch.tensor([float(choice == "bf16")], device=device)).item() else "fp32"
+    if why and procs.main:
+        print(why if procs.world == 1 else f"{why}; with every process: {choice}", file=sys.stderr)
+    return choice
 
 
 def describe(cfg, state, procs):
@@ -535,6 +640,14 @@ class RunFolder:
             "step": state.step, "epoch": state.step // self.per_epoch, "config": self.cfg, "rng": rng})
         plot_loss(self.log_path, self.out / "loss.png")
 
+    def snapshot(self, state, name):
+        """The EMA weights at this step, as a checkpoint that ddpm.load and sample.py --guide read."""
+        if self.main:
+            path = snapshot_path(self.out, name)
+            path.parent.mkdir(exist_ok=True)
+            cli.save_checkpoint(path, {"ema": state.ema.state_dict(), "step": state.step, "snapshot": name,
+                                       "config": self.cfg})
+
     def grid(self, state):
         """sample_n EMA samples; for a class-conditional run, one row per class (the first 16 classes)."""
         if not self.main:
@@ -600,8 +713,7 @@ class TrainingFID:
         feats = self.procs.gather(mine)
         if self.procs.main:
             value = fid.frechet_distance(*fid.activation_statistics(feats.numpy()), *self.ref)
-            with open(out / "fid.csv", "a") as f:
-                f.write(f"{state.step},{value:.4f}\n")
+            cli.append_whole(out / "fid.csv", f"{state.step},{value:.4f}\n".encode())
             print(f"\nstep {state.step}: FID {value:.2f} ({cfg['fid_samples']} samples)", file=sys.stderr)
 
 # ----------------------------------------------------------------------------------------------
@@ -633,7 +745,7 @@ def train_step(state, data, cfg, procs):
             x0 = torch.where(flips[a:b, None, None, None], x0.flip(3), x0)
         quiet = state.net.no_sync() if world > 1 and k < accum - 1 else nullcontext()  # all-reduce once, at the end
         with quiet:
-            with torch.autocast(**state.amp):
+            with state.autocast():
                 per = process.loss(state.fwd, x0, cfg["loss"], t=t[a:b], noise=noise[a:b], reduction="none",
                                    y=None if y is None else y[a:b], **loss_options(cfg))
             state.scaler.scale(per.sum() * (world / n)).backward()
@@ -664,6 +776,7 @@ def loop(cfg, state, data, folder, measure_fid, procs, stop):
     total, log_every, world = cfg["steps"], cfg["log_every"], procs.world
     tty, t_last, n_last = sys.stderr.isatty(), time.perf_counter(), 0
     smooth, bad = None, torch.tensor(math.inf, device=procs.device)  # bad: the first step whose loss was not finite
+    snapshots = snapshot_steps(cfg)
     state.model.train()
     while state.step < total:
         loss_sum, epoch = train_step(state, data, cfg, procs)
@@ -689,6 +802,8 @@ def loop(cfg, state, data, folder, measure_fid, procs, stop):
                 return
         elif world == 1 and stop:
             return
+        for name in snapshots.get(step, ()):
+            folder.snapshot(state, name)
         if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step in (FIRST_GRID, total)):
             folder.grid(state)
         if measure_fid and (step % cfg["fid_every"] == 0 or step == total):
@@ -745,8 +860,7 @@ def run_loop(cfg, state, data, folder, procs):
         saved = f"saved {out / 'ckpt.pt'} at step {state.step}; continue with --resume {out}"
         if signal.SIGTERM in stop:
             raise cli.Stopped(f"stopped by SIGTERM: {saved}")
-        if procs.main:
-            print(f"\ninterrupted: {saved}", file=sys.stderr)
+        raise cli.Interrupted(saved)
     elif procs.main:
         print(f"\ndone: {out / 'ckpt.pt'}; sample from it with: python sample.py {out}", file=sys.stderr)
     return state.step
