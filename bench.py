@@ -2,7 +2,8 @@
 
     python bench.py                 # a few minutes on 2 CPU cores; writes bench.json
     python bench.py --quick         # about a minute
-    python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants
+    python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants (default: fp32, and bf16
+                                                                         # beside it where the device has it natively)
     python bench.py --solvers runs/mnist    # DDIM vs DPM-Solver++: error against the ODE, s/image
     python bench.py --quality base minsnr   # training recipes on MNIST: FD after 15 CPU-minutes each
     python bench.py --digits mnist/ 1000 digits/             # the first 1000 digits under digits/<label>/
@@ -16,6 +17,7 @@ runs on random weights (same cost as the real ones).
 """
 import argparse
 import csv
+import io
 import json
 import platform
 import resource
@@ -41,7 +43,8 @@ def machine(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+            "native_bf16": cli.native_bf16(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -78,7 +81,7 @@ def build(preset, args, device, channels=3):
     return model
 
 
-def bench_train(preset, batch, args, device):
+def bench_train(preset, batch, args, device, amp="fp32"):
     model = build(preset, args, device)
     size = model.config["image_size"]
     ema = ddpm.EMA(model)
@@ -88,11 +91,9 @@ def bench_train(preset, batch, args, device):
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-
     def steps():
         for _ in range(args.iters):
-            with torch.autocast(**amp):
+            with cli.autocast(amp, device):
                 loss = diffusion.loss(fwd, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -101,10 +102,10 @@ def bench_train(preset, batch, args, device):
 
     seconds = timed(steps, device, args.repeats) / args.iters
     return {"preset": preset, "size": size, "batch": batch, "params_M": round(ddpm.count_params(model) / 1e6, 2),
-            "images_per_s": round(batch / seconds, 1), "ms_per_step": round(seconds * 1e3, 1)}
+            "amp": amp, "images_per_s": round(batch / seconds, 1), "ms_per_step": round(seconds * 1e3, 1)}
 
 
-def bench_sampling(args, device):
+def bench_sampling(args, device, amp="fp32"):
     model = build("tiny", args, device).eval()
     for p in model.parameters():  # non-zero output layer, as a trained model (the cost is the same)
         if p.abs().sum() == 0:
@@ -113,12 +114,11 @@ def bench_sampling(args, device):
     batch, size = args.sample_batch, model.config["image_size"]
     x = torch.randn(batch, 3, size, size, device=device)
     t = torch.full((batch,), 500, device=device)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000)).to(device)
     short = ddpm.Diffusion(ddpm.make_betas("linear", args.ddpm_steps)).to(device)
 
     free = lambda x, t: x  # a model that costs nothing: what remains is the sampler's own work
-    with torch.inference_mode(), torch.autocast(**amp):
+    with torch.inference_mode(), cli.autocast(amp, device):
         call = timed(lambda: fwd(x, t), device, args.repeats * 5)
         ddim = {k: timed(lambda: diffusion.ddim_sample(fwd, x_T=x, steps=k), device, args.repeats) for k in (20, 50)}
         ddpm_loop = timed(lambda: short.ddpm_sample(fwd, x_T=x), device, args.repeats) / args.ddpm_steps
@@ -126,7 +126,7 @@ def bench_sampling(args, device):
                "ddpm": timed(lambda: short.ddpm_sample(free, x_T=x), device, args.repeats) / args.ddpm_steps}
     per_image = lambda s: round(s / batch, 4)
     return {
-        "preset": "tiny", "size": size, "batch": batch,
+        "preset": "tiny", "size": size, "batch": batch, "amp": amp,
         "ms_per_step_per_image": round(call / batch * 1e3, 3),
         "sampler_overhead_pct": {k: round(100 * v / call, 2) for k, v in own.items()},
         "s_per_image": {"ddim_20": per_image(ddim[20]), "ddim_50": per_image(ddim[50]),
@@ -141,14 +141,6 @@ def bench_fid(args, device):
     seconds = timed(lambda: fid.get_activations([images], model), device, args.repeats)
     return {"batch": args.fid_batch, "input": "32x32 uint8, resized to 299 inside",
             "images_per_s": round(args.fid_batch / seconds, 1)}
-
-
-def gaussian_eps(process, mu=0.3, sd=0.5):
-    """The exact eps-predictor for data x0 ~ N(mu, sd^2 I) (the tests' oracle), at integer or float t."""
-    def model(x, t):
-        a, s = (v.reshape(-1, 1, 1, 1) for v in process.marginal_at(t))
-        return s * (x - a * mu) / (a ** 2 * sd ** 2 + s ** 2)
-    return model
 
 
 def solver_errors(diffusion, model, x_T, nfes, spacings):
@@ -173,7 +165,7 @@ SOLVER_SPACINGS = ("linspace", "trailing", "lambda")  # the default, the one bef
 def oracle_std_errors(diffusion, x_T, nfes, spacings):
     """std(x_0) - 0.5 for the exact predictor of x0 ~ N(0.3, 0.5^2): DDIM, DPM-Solver++(2M) and the SDE forms
     (eta = 1) of 2M and 3M at each number of model calls and spacing; clip_x0 off."""
-    model, rows = gaussian_eps(diffusion), []
+    model, rows = ddpm.gaussian_eps(diffusion), []
     for spacing in spacings:
         for name, kw in (("ddim", None), ("dpm++2M", dict(eta=0.0)), ("sde-dpm++2M", dict(eta=1.0)),
                          ("sde-dpm++3M", dict(eta=1.0, order=3))):
@@ -191,7 +183,7 @@ def bench_solvers(args, device):
     for schedule in ("linear", "cosine"):
         d = ddpm.Diffusion(ddpm.make_betas(schedule, 1000)).to(device)
         x_T = torch.randn(4096, 1, 4, 4, generator=g, device=device)
-        out[f"gaussian_{schedule}"] = solver_errors(d, gaussian_eps(d), x_T, nfes, SOLVER_SPACINGS)
+        out[f"gaussian_{schedule}"] = solver_errors(d, ddpm.gaussian_eps(d), x_T, nfes, SOLVER_SPACINGS)
         out[f"gaussian_std_{schedule}"] = oracle_std_errors(d, x_T, (5, 10, 20), SOLVER_SPACINGS)
     ckpt, net, d = cli.load_run(args.solvers, device)
     c, s = ckpt["config"]["model"]["in_channels"], ckpt["config"]["model"]["image_size"]
@@ -301,12 +293,12 @@ def bench_recipe(name, args):
         rows.append({"recipe": name, "flags": " ".join(flags), "steps": steps, "images_per_s": round(ips, 1),
                      "train_minutes": minutes, "sampler": sampler, "n": args.fd_n, "fd": value})
         print(f"{name}: {steps} steps, {sampler}: FD {value:.2f}", flush=True)
-    new = not (root / "results.csv").exists()
-    with open(root / "results.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=list(rows[0]))
+    if not (root / "results.csv").exists():
+        w.writeheader()
+    w.writerows(rows)
+    cli.append_whole(root / "results.csv", table.getvalue().encode())
 
 
 def export_digits(mnist, n, out, nearest=False):
@@ -340,11 +332,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=("bf16",), help="bf16 autocast")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("fp32", "bf16"), help="one precision; None: fp32, and bf16 beside it where "
+                                                        "the device has native bfloat16")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--out", default="bench.json", help="where the figures go, as JSON")
     p.add_argument("--solvers", metavar="RUN", help="only the sampler accuracy table, on this trained run")
     p.add_argument("--solver-n", type=int, default=64, help="--solvers: samples from the trained run")
     p.add_argument("--quality", nargs="+", metavar="RECIPE", choices=sorted(RECIPES),
@@ -386,32 +379,35 @@ def main():
     args.fid_batch = (200 if gpu else 8) if args.quick else (500 if gpu else 16)
     torch.manual_seed(0)
     if args.solvers:
-        results = {"machine": machine(device), "solvers": bench_solvers(args, device)}
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, {"machine": machine(device), "solvers": bench_solvers(args, device)})
         return
 
-    results = {"machine": machine(device), "options": {"amp": args.amp, "channels_last": args.channels_last,
+    amps = [args.amp] if args.amp else ["fp32", "bf16"] if cli.native_bf16(device) else ["fp32"]
+    results = {"machine": machine(device), "options": {"amps": amps, "channels_last": args.channels_last,
                                                        "compile": args.compile, "quick": args.quick}}
     print(" | ".join(f"{k} {v}" for k, v in results["machine"].items()))
-    results["train"] = [bench_train("tiny", 256 if gpu else 64, args, device),
-                        bench_train("faces64", 128 if gpu else (8 if args.quick else 16), args, device)]
+    results["train"] = [bench_train(preset, batch, args, device, amp) for preset, batch in
+                        (("tiny", 256 if gpu else 64), ("faces64", 128 if gpu else (8 if args.quick else 16)))
+                        for amp in amps]
     for r in results["train"]:
-        print(f"train  {r['preset']:8s} {r['size']}x{r['size']} batch {r['batch']:3d} ({r['params_M']} M): "
+        print(f"train  {r['preset']:8s} {r['size']}x{r['size']} batch {r['batch']:3d} ({r['params_M']} M) {r['amp']}: "
               f"{r['images_per_s']:8.1f} img/s  ({r['ms_per_step']} ms/step)")
-    s = results["sampling"] = bench_sampling(args, device)
-    print(f"sample tiny 32x32 batch {s['batch']}: {s['ms_per_step_per_image']} ms per step per image; work outside "
-          "the network per step: " + ", ".join(f"{k} {v}%" for k, v in s["sampler_overhead_pct"].items())
-          + " of a model call")
-    print("       s/image: " + ", ".join(f"{k} {v}" for k, v in s["s_per_image"].items()) + f"  ({s['note']})")
+    results["sampling"] = [bench_sampling(args, device, amp) for amp in amps]
+    for s in results["sampling"]:
+        print(f"sample tiny 32x32 batch {s['batch']} {s['amp']}: {s['ms_per_step_per_image']} ms per step per image; "
+              "work outside the network per step: "
+              + ", ".join(f"{k} {v}%" for k, v in s["sampler_overhead_pct"].items()) + " of a model call")
+        print("       s/image: " + ", ".join(f"{k} {v}" for k, v in s["s_per_image"].items()) + f"  ({s['note']})")
     f = results["fid"] = bench_fid(args, device)
     print(f"fid    Inception features, batch {f['batch']}: {f['images_per_s']} img/s")
     results["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     print(f"peak memory: {results['peak_memory_mb']} MiB ({'CUDA max allocated' if gpu else 'process RSS'})")
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
+
+
+def write_json(path, results):
+    cli.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ FID's input path, with torch-fidelity's definition and defaults but not its VGG-
 import argparse
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -373,15 +374,31 @@ def precision_recall(real, fake, k=3, batch_size=10000):
     return precision, recall
 
 
-def load_stats(path):
-    """mu and sigma from a pytorch-fid .npz."""
+def is_stats(path):
+    """Whether path names saved statistics rather than a folder: a .npz (any case), or a file with no
+    extension that is one (np.savez writes zip files)."""
+    path = Path(path)
+    return path.suffix.lower() == ".npz" or (path.is_file() and zipfile.is_zipfile(path))
+
+
+def load_stats(path, dims=None):
+    """mu [D] and sigma [D, D], arrays of numbers, from a pytorch-fid .npz; D = dims where given (2048: the
+    pool3 features that samples are compared in)."""
     try:
         with np.load(path) as f:
-            return f["mu"], f["sigma"]
+            mu, sigma = f["mu"], f["sigma"]
     except KeyError:
         raise UserError(f"{path}: no 'mu' and 'sigma' arrays in this .npz") from None
     except Exception as e:
-        raise UserError(f"{path}: cannot read statistics ({e})") from None
+        raise UserError(f"{path}: cannot read statistics ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+        raise UserError(f"{path}: mu and sigma must be arrays of numbers, not {mu.dtype} and {sigma.dtype}")
+    d = dims or (mu.shape[0] if mu.ndim == 1 else -1)
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the statistics of "
+                        f"{dims or 'D'} features: ({dims or 'D'},) and ({dims or 'D'}, {dims or 'D'})")
+    return mu.astype(np.float64), sigma.astype(np.float64)
 
 
 def save_stats(path, mu, sigma):
@@ -422,10 +439,11 @@ def folder_activations(folder, model, batch_size=50, num_workers=0, quiet=False,
     return feats, logits
 
 
-def check_input(path, need):
-    """Fail fast, before the network loads: a .npz must hold mu and sigma, a folder `need` images."""
-    if str(path).endswith(".npz"):
-        return load_stats(path)
+def check_input(path, need, dims=None):
+    """Fail fast, before the network loads: a .npz must hold mu and sigma (of `dims` features), a folder `need`
+    images."""
+    if is_stats(path):
+        return load_stats(path, dims)
     n = len(list_images(path))
     if n < need:
         raise UserError(f"{path}: {n} image{'s' * (n != 1)}, need at least {need}")
@@ -454,8 +472,8 @@ def parse_args(argv=None):
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped by the smaller set")
     p.add_argument("--prc", action="store_true", help="with two folders, REAL then GENERATED: precision and recall")
     p.add_argument("--prc-k", type=int, default=3, help="nearest neighbours for --prc (torch-fidelity's default)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=50, help="images per call of the Inception network")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--weights", help="a local copy of pt_inception-2015-12-05-6726825d.pth")
     args = p.parse_args(argv)
@@ -471,10 +489,10 @@ def check_args(args):
         raise UserError("--splits and --batch-size must be at least 1, --num-workers at least 0")
     if args.save_stats and not Path(args.save_stats[1]).resolve().parent.is_dir():
         raise UserError(f"--save-stats {args.save_stats[1]}: its folder does not exist")
-    if args.isc and args.isc.endswith(".npz"):
+    if args.isc and is_stats(args.isc):
         raise UserError(f"{args.isc}: --isc needs an image folder; statistics files hold no logits")
     for flag in ("kid", "prc"):
-        if getattr(args, flag) and (not args.path or any(x.endswith(".npz") for x in args.path)):
+        if getattr(args, flag) and (not args.path or any(is_stats(x) for x in args.path)):
             raise UserError(f"--{flag} needs two image folders: statistics files hold no features")
     if args.prc and args.prc_k < 1:
         raise UserError(f"--prc-k must be at least 1, got {args.prc_k}")

@@ -29,7 +29,9 @@ file cannot run code.
 """
 import argparse
 import math
+import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,10 +42,17 @@ import fid
 from cli import UserError
 
 SPACINGS = ddpm.Diffusion.spacings  # every process's spacings are among these
-STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "em": 500, "pc": 500}  # --steps by sampler; ddpm: the whole chain
-REPAINT_STEPS = 250  # --resample without --steps: Lugmayr et al.'s 250 steps
+# --steps by sampler (ddpm: the whole chain); dpm++ 10: on MNIST FD-wide 72 at 10 against 91 at 20 (docs/guidance.md)
+STEPS = {"ddpm": None, "ddim": 50, "dpm++": 10, "em": 500, "pc": 500}
+REPAINT_STEPS, JUMP = 250, 10  # --resample without --steps or --jump: Lugmayr et al.'s 250 steps, jumps of 10
 RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
+# Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
+# where it applies, chosen on MNIST (docs/guidance.md)
+DEFAULT_GUIDE, AUTOGUIDANCE, AUTOGUIDANCE_INTERVAL = "1/16", 2.0, (0.5, 10.0)
+FRACTION = re.compile(r"\d+/\d+")
 GRID_LIMIT, GRID_COLUMNS = 256, 16  # the grid shows the first samples; a class's row its first 16
+AMP = "fp32"  # sample.py's --amp: float32 unless measured otherwise (docs/performance.md)
+MOST = 10_000_000  # the largest count any option takes (samples, steps, images)
 
 
 def slerp(a, b, w):
@@ -61,10 +70,14 @@ def load_image(path, size, channels):
     return cli.read_edit_images(path, size, channels)[0]
 
 
-def make_progress(label):
-    if not sys.stderr.isatty():
+def make_progress(label, tty_only=False):
+    """progress(i, n) of a sampler: on a terminal one line, rewritten at each model call; elsewhere (a log file)
+    one line when the n calls are done, unless tty_only (the caller says it then)."""
+    if sys.stderr.isatty():
+        return lambda i, n: print(f"\r{label}: step {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    if tty_only:
         return None
-    return lambda i, n: print(f"\r{label}: step {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    return lambda i, n: i == n and print(f"{label}: {n} model calls done", file=sys.stderr, flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # class labels and guidance
@@ -94,11 +107,54 @@ def labels_for(args, cfg, n):
     return torch.tensor([args.classes[i * len(args.classes) // n] for i in range(n)])
 
 
-def guided(args, net, cfg, labels):
-    """The eps model of a batch: classifier-free guidance at --guidance for a class-conditional run."""
-    if labels is None:
+def guided(args, net, cfg, labels, process):
+    """The eps model of a batch: autoguidance by --guide, or classifier-free guidance for a class-conditional
+    run, at --guidance and within --guidance-interval."""
+    if labels is None and args.guide_net is None:
         return net
-    return ddpm.Guided(net, labels.to(next(net.parameters()).device), args.guidance, cfg["model"]["num_classes"])
+    y = None if labels is None else labels.to(process.device)
+    return ddpm.Guided(net, y, args.guidance, cfg["model"].get("num_classes"), guide=args.guide_net,
+                       interval=args.guidance_interval, process=process)
+
+
+def find_guide(args, cfg):
+    """The path of --guide: a fraction such as 1/16 names the run's snapshot (train.py --snapshots), anything
+    else a run folder or checkpoint; None where the run has no snapshot at that fraction and --guide was not
+    given (the default guide)."""
+    spec, given = args.guide or DEFAULT_GUIDE, args.guide is not None
+    run = Path(args.run)
+    home = run if run.is_dir() else run.parent
+    if FRACTION.fullmatch(spec):
+        path = home / "snapshots" / f"{spec.replace('/', '-')}.pt"
+        if path.is_file():
+            return path
+        if given:
+            kept = sorted(p.stem.replace("-", "/") for p in (home / "snapshots").glob("*.pt"))
+            raise UserError(f"--guide {spec}: {args.run} has no snapshot at {spec} of its training "
+                            f"({'it has ' + ', '.join(kept) if kept else 'it kept none: train.py --snapshots'})")
+        return None
+    return Path(spec)
+
+
+def load_guide(args, cfg, process, device):
+    """--guide's eps model, checked against the run: the same images, process and labels (one line if not)."""
+    ckpt, guide, guide_process = cli.load_run(args.guide_path, device)
+    mine, theirs = cfg["model"], ckpt["config"]["model"]
+    for key, what in (("in_channels", "channels"), ("image_size", "image size"), ("num_classes", "classes")):
+        if mine.get(key) != theirs.get(key):
+            raise UserError(f"--guide {args.guide_path}: its {what} ({theirs.get(key)}) differ from the run's "
+                            f"({mine.get(key)})")
+    if not same_process(process, guide_process):
+        raise UserError(f"--guide {args.guide_path}: its process {guide_process!r} is not the run's {process!r}")
+    return guide, ckpt["step"]
+
+
+def same_process(a, b):
+    """Whether two processes have the same marginals (alpha_t, sigma_t) on a grid of their time range."""
+    if type(a) is not type(b) or (a.t_start, a.t_end) != (b.t_start, b.t_end):
+        return False
+    times = a.time_grid(50, "time")
+    return all(torch.allclose(u, v) for u, v in zip(a.marginal(times), b.marginal(times)))
 
 # ----------------------------------------------------------------------------------------------
 # sampling
@@ -127,18 +183,19 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
 
 
 def generate(args, process, net, cfg, n, procs, each, x_T=None, trajectory=False, labels=None):
-    """This rank's share of n samples, in whole batches of --batch-size: each(i, x) gets every batch (x in
-    [-1, 1], i its first sample's index) as it is made. Sample i's noise comes from generators seeded by
-    (--seed, i), its label is labels[i]. Returns the trajectories [N, steps + 1, C, H, W] when asked."""
+    """This rank's share of n samples (the processes' shares differ by one at most), in batches of --batch-size:
+    each(i, x) gets every batch (x in [-1, 1], i its first sample's index) as it is made. Sample i's noise comes
+    from generators seeded by (--seed, i), its label is labels[i], so the files do not depend on the number of
+    processes. Returns the trajectories [N, steps + 1, C, H, W] when asked."""
     device, m = process.device, cfg["model"]
-    lo, hi = procs.span(n, args.batch_size)
+    lo, hi = procs.span(n)
     trajs = []
     for i in range(lo, hi, args.batch_size):
         k = min(args.batch_size, hi - i)
         start = None if x_T is None else x_T[i:i + k].to(device)
-        label = f"batch {i // args.batch_size + 1}/{math.ceil(n / args.batch_size)}" + args.doubled
+        label = f"samples {i + 1}-{i + k} of {n}" + args.doubled
         gens = ddpm.sample_generators(args.seed, range(i, i + k), device)
-        model = guided(args, net, cfg, None if labels is None else labels[i:i + k])
+        model = guided(args, net, cfg, None if labels is None else labels[i:i + k], process)
         x, traj = sample_batch(args, process, model, (k, m["in_channels"], m["image_size"], m["image_size"]),
                                start, gens, trajectory, make_progress(label))
         each(i, x)
@@ -171,7 +228,9 @@ def sample_and_write(args, process, net, cfg, procs, inception, ref, nearest):
                     torch.linspace(0, 1, args.n, device=device).reshape(-1, 1, 1, 1))
         args.sampler, args.eta = "ddim", 0.0  # deterministic decoding: a smooth path
     labels = labels_for(args, cfg, args.n) if cfg["class_cond"] else None
-    kept, shown = {"grid": [], "rows": [], "all": [], "feats": []}, {}
+    empty = torch.zeros((0, m["in_channels"], m["image_size"], m["image_size"]), dtype=torch.uint8)
+    kept = {"grid": [empty], "rows": [], "all": [], "feats": [torch.zeros((0, 2048), dtype=torch.float64)]}
+    shown = {}  # a process with no share gathers empty tensors
 
     def each(i, x):  # a batch as it is made: its PNGs, its grid images, its FID features
         images = cli.to_uint8(x).cpu()
@@ -227,26 +286,25 @@ def edit_start(args, process):
     return round(t0) if "linspace" in process.spacings and args.spacing not in ("time", "lambda") else t0
 
 
-def edit_batch(args, process, net, cfg, x0, keep, gens, labels):
+def edit_batch(args, process, net, cfg, x0, keep, gens, labels, progress=None):
     """Inpainting (keep: the known pixels) or SDEdit of a batch x0 with the sampler, --n results each."""
-    model = guided(args, net, cfg, labels)
+    model = guided(args, net, cfg, labels, process)
     if keep is not None:
         if args.recon_guidance:
             model = ddpm.ReconstructionGuided(model, process, x0, keep, args.recon_guidance)
         path = ddpm.repaint_path(args.steps, args.jump, args.resample) if args.resample else None
         loop = dict(hook=ddpm.Replace(x0, keep, gens), **({"path": path} if path else {}))
-        return sample_batch(args, process, model, x0.shape, None, gens, False, None, **loop)[0]
+        return sample_batch(args, process, model, x0.shape, None, gens, False, progress, **loop)[0]
     if args.strength_now == 0:
         return x0.clone()
     if args.strength_now == 1:  # the image forgotten: plain sampling from the prior
-        return sample_batch(args, process, model, x0.shape, None, gens, False, None)[0]
+        return sample_batch(args, process, model, x0.shape, None, gens, False, progress)[0]
     t0 = torch.full((len(x0),), edit_start(args, process), device=x0.device)
-    if args.edit_by == "inversion":  # DDIM-invert to t_0, then decode with deterministic DDIM (check_modes)
-        x_t = process.ddim_invert(model, x0, steps=args.steps or STEPS["ddim"], spacing=args.spacing,
-                                  start=t0[0].item())
+    if args.edit_by == "inversion":  # DDIM-invert to t_0 by the plain (unconditional) model; decode with the sampler
+        x_t = process.ddim_invert(net, x0, steps=STEPS["ddim"], start=t0[0].item())
     else:
         x_t = process.q_sample(x0, t0 if t0.is_floating_point() else t0.long(), ddpm.randn(x0.shape, gens, x0.device))
-    return sample_batch(args, process, model, x0.shape, x_t, gens, False, None)[0]
+    return sample_batch(args, process, model, x0.shape, x_t, gens, False, progress)[0]
 
 
 def read_edits(args, cfg):
@@ -275,8 +333,9 @@ def edit(args, process, net, cfg, edits):
             chunk = items[b:b + args.batch_size]
             rows = torch.tensor([i for i, _ in chunk])
             gens = ddpm.sample_generators(args.seed, [i * args.n + k for i, k in chunk], device)
+            progress = make_progress(f"{'inpainting' if args.inpaint else 'editing'} {b + 1}-{b + len(chunk)}", True)
             out = edit_batch(args, process, net, cfg, x0[rows].to(device), None if keep is None else
-                             keep[rows].to(device), gens, None if labels is None else labels[rows]).cpu()
+                             keep[rows].to(device), gens, None if labels is None else labels[rows], progress).cpu()
             for (i, k), image, im in zip(chunk, out, cli.to_uint8(out)):
                 if i < GRID_COLUMNS:
                     results.setdefault(i, []).append(image[None])
@@ -324,7 +383,7 @@ def negative_log_likelihood(args, cfg, process, net):
     for i in range(0, len(images), args.batch_size):
         k = images[i:i + args.batch_size].to(device).float()
         u = torch.rand(k.shape, generator=g, device=device)
-        model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size])
+        model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size], process)
         bpd.append(process.bits_per_dim(model, (k + u) / 128 - 1, rtol=args.rtol, atol=args.atol,
                                         hutchinson=args.hutchinson, generator=g).cpu() + 7)
         print(f"nll: {min(i + args.batch_size, len(images))}/{len(images)} images", file=sys.stderr)
@@ -337,7 +396,7 @@ def variational_bound(args, cfg, process, net):
     (images, labels), g, terms = training_images(args, cfg, args.vlb), torch.Generator(device).manual_seed(args.seed), []
     for i in range(0, len(images), args.batch_size):
         x0 = images[i:i + args.batch_size].to(device).float() / 127.5 - 1
-        model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size])
+        model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size], process)
         terms.append(process.vlb_bits_per_dim(model, x0, variance=args.variance, generator=g,
                                               progress=make_progress(f"vlb {i + 1}-{i + len(x0)}")))
     values = {k: torch.cat([t[k].cpu() for t in terms]) for k in ("total", "prior", "kl", "decoder")}
@@ -384,7 +443,7 @@ def parse_args(argv=None):
                                                                    "--n: not under torchrun)")
     a("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++", "em", "pc", "ode"),
       help="em/pc/ode solve the reverse SDE / probability-flow ODE")
-    a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 20, em/pc 500, ddpm the whole chain (fewer: "
+    a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 10, em/pc 500, ddpm the whole chain (fewer: "
                                 "respaced; with --resample 250)")
     a("--spacing", choices=SPACINGS, help="time grid of ddpm/ddim/dpm++ (Diffusion: all; VE: time, lambda); "
                                           "None: the process's default")
@@ -399,28 +458,42 @@ def parse_args(argv=None):
     a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
     a("--class", dest="class_", metavar="CLASSES", help="class-conditional runs: 'all', or names or indices "
                                                        "such as 3 or 3,5,7; None: the data's class frequencies")
-    a("--guidance", type=float, help="class-conditional runs: classifier-free guidance scale s (1: the conditional "
-                                     "model, 0: the unconditional one); None: the run's --sample-guidance")
+    a("--guidance", type=float, help="guidance weight s of eps_guide + s (eps - eps_guide): class-conditional runs "
+                                     "classifier-free (1: the conditional model, 0: the unconditional one), "
+                                     "--guide autoguidance (1: the plain model); None: the run's --sample-guidance, "
+                                     f"autoguidance {AUTOGUIDANCE:g}")
+    a("--guide", metavar="SNAPSHOT_OR_RUN", help="autoguidance (Karras et al. 2024): guide by a weaker model, a "
+                                                 "snapshot of the run (1/16, 1/8, 1/4: train.py --snapshots) or "
+                                                 f"another run or checkpoint; None: {DEFAULT_GUIDE} for unconditional "
+                                                 "runs that kept it, else none")
+    a("--guidance-interval", metavar="LO,HI", help="guide only where LO < sigma_t/alpha_t <= HI (Kynkaanniemi et al. "
+                                                   "2024), one model call elsewhere; 0,inf: everywhere; None: "
+                                                   "{},{} for autoguidance, else everywhere".format(
+                                                       *AUTOGUIDANCE_INTERVAL))
     a("--inpaint", metavar="IMAGES", help="an image or a folder of images to fill in where --mask is white")
     a("--mask", help=f"--inpaint: a mask image, a folder of masks named as the images, or {', '.join(cli.MASKS)}")
     a("--resample", type=int, metavar="R", help="--inpaint with --sampler ddpm: RePaint, R passes over each jump")
-    a("--jump", type=int, default=10, help="--resample: RePaint's jump length")
+    a("--jump", type=int, default=JUMP, help="--resample: RePaint's jump length")
     a("--recon-guidance", type=float, metavar="W", help="--inpaint: reconstruction guidance weight (Ho et al. 2022, "
                                                         "eq. 7), a backward pass a call; 0: replacement alone; "
                                                         f"None: {RECON_GUIDANCE:g}")
     a("--edit", metavar="IMAGES", help="SDEdit: an image or a folder, noised to --strength and sampled back")
     a("--strength", default="0.5", help="--edit: t_0 as a share of the noise end (0: the input, 1: pure noise); "
                                         "comma-separated for a sweep")
-    a("--edit-by", default="noise", choices=("noise", "inversion"), help="--edit: a draw of q(x_t0 | x0), or DDIM "
-                                                                        "inversion to t_0 (deterministic)")
-    a("--seed", type=int, default=0)
-    a("--batch-size", type=int, default=128)
+    a("--edit-by", default="noise", choices=("noise", "inversion"), help="--edit: start from a draw of q(x_t0 | x0), "
+                                                                        "or the DDIM inversion of x0 to t_0 by the "
+                                                                        "unconditional model, then sample back")
+    a("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
+    a("--batch-size", type=int, default=128, help="samples per model call (the files do not depend on it)")
     a("--grid", help="the output picture; None: MODE.png (samples, inpaint, edit, forward, interpolate, invert) in "
                      "the run's folder")
     a("--out", metavar="FOLDER", help="also write one PNG per image here (a new or empty folder, or one of ours)")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--channels-last", action="store_true", help="channels_last memory format (faster for some models)")
+    a("--amp", default=AMP, choices=cli.AMP, help="mixed precision of the model calls: bf16 (CPU or CUDA), fp16 "
+                                                 "(CUDA), fp32, or auto: bf16 where the device has it natively and a "
+                                                 "timed call is faster (docs/performance.md)")
     a("--trajectory", metavar="PNG", help="also draw x_T -> x_0 for up to 8 samples, 10 columns")
     a("--forward", metavar="IMAGE", help="draw the forward process of IMAGE at 10 evenly spaced t")
     a("--interpolate", action="store_true", help="slerp between two noises in --n frames (DDIM)")
@@ -447,8 +520,9 @@ def check_outputs(args):
     home = run if run.is_dir() else run.parent
     args.grid = args.grid or str(home / f"{mode}.png")
     args.nearest_grid = args.nearest_grid or str(Path(args.grid).with_name("nearest.png"))
-    if args.out:
-        cli.check_output_folder(args.out)
+    if args.out and Path(args.out).resolve() == home.resolve():
+        raise UserError(f"--out {args.out} is the run's own folder: give the images a folder of their own")
+    args.former = cli.check_output_folder(args.out) if args.out else []
     for picture in (args.grid, args.trajectory, args.nearest_grid if args.nearest else None):
         if picture:
             cli.check_new_picture(picture)
@@ -457,17 +531,23 @@ def check_outputs(args):
 def check_numbers(args):
     """Every number option, as one line."""
     for name, ok, rule in (("eta", lambda v: v >= 0, "a number >= 0"), ("mix", lambda v: True, "a number"),
-                           ("snr", lambda v: v > 0, "a number > 0"), ("rtol", lambda v: v > 0, "a number > 0"),
-                           ("atol", lambda v: v > 0, "a number > 0"), ("guidance", lambda v: v >= 0, "a number >= 0"),
+                           ("snr", lambda v: v > 0, "a number > 0"),
+                           ("rtol", lambda v: v >= 1e-6, "at least 1e-6 (float32 reaches no smaller tolerance)"),
+                           ("atol", lambda v: v >= 1e-6, "at least 1e-6 (float32 reaches no smaller tolerance)"),
+                           ("guidance", lambda v: v >= 0, "a number >= 0"),
                            ("recon_guidance", lambda v: v >= 0, "a number >= 0")):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps", "resample", "jump"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
+        flag = "num-samples" if name == "n" else name.replace("_", "-")
         if value is not None and value < least:
-            flag = "num-samples" if name == "n" else name.replace("_", "-")
             raise UserError(f"--{flag} must be at least {least}, got {value}")
+        if value is not None and value > MOST:  # beyond any use, and beyond memory for the grids and labels
+            raise UserError(f"--{flag} must be at most {MOST:,}, got {value:,}")
+    if args.guidance_interval is not None:
+        args.guidance_interval = parse_interval(args.guidance_interval)
     try:
         args.strength = [float(s) for s in args.strength.split(",")]
     except ValueError:
@@ -476,18 +556,46 @@ def check_numbers(args):
         raise UserError(f"--strength takes numbers in [0, 1], got {','.join(map(str, args.strength))}")
 
 
-def check_classes(args, cfg):
-    """--class and --guidance against the run: class-conditional or not."""
-    args.classes, args.doubled = None, ""
-    if not cfg["class_cond"]:
-        if args.class_ is not None or args.guidance is not None:
-            raise UserError(f"--{'class' if args.class_ is not None else 'guidance'}: {args.run} is not "
-                            "class-conditional (train it with --class-cond)")
-        return
-    args.classes = None if args.class_ is None else parse_classes(args.class_, cfg["classes"])
-    args.guidance = cfg["sample_guidance"] if args.guidance is None else args.guidance
-    if args.guidance not in (0, 1):
-        args.doubled = " (guidance: batch doubled)"
+def check_guidance(args, cfg):
+    """--class, --guide, --guidance and --guidance-interval against the run. An unconditional run is autoguided
+    by its snapshot at DEFAULT_GUIDE where it kept one (--guidance 1: the plain model); a class-conditional
+    run takes classifier-free guidance at its --sample-guidance, or autoguidance with --guide."""
+    cond, args.classes, args.guide_path = cfg["class_cond"], None, None
+    if args.class_ is not None and not cond:
+        raise UserError(f"--class: {args.run} is not class-conditional (train it with --class-cond)")
+    if cond and args.class_ is not None:
+        args.classes = parse_classes(args.class_, cfg["classes"])
+        if args.n < len(args.classes) and not (args.inpaint or args.edit or args.invert):
+            print(f"note: --num-samples {args.n} is fewer than the {len(args.classes)} classes of --class: only the "
+                  f"first {args.n} are drawn", file=sys.stderr)
+    likelihood = args.nll or args.vlb  # the plain model's likelihood unless a guide is named
+    if args.guide is not None or (not cond and not likelihood and args.guidance != 1):
+        args.guide_path = find_guide(args, cfg)
+    if not cond and args.guide_path is None:
+        for flag, value in (("guidance", args.guidance not in (None, 1)), ("guidance-interval", args.guidance_interval)):
+            if value:
+                raise UserError(f"--{flag}: {args.run} is unconditional and kept no snapshot at {DEFAULT_GUIDE} of its "
+                                "training: name a guide with --guide (a snapshot such as 1/4, or another run)")
+        args.guidance = 1.0
+    elif args.guidance is None:
+        args.guidance = AUTOGUIDANCE if args.guide_path else cfg["sample_guidance"]
+    if args.guidance_interval is None and args.guide_path is not None:
+        args.guidance_interval = AUTOGUIDANCE_INTERVAL
+    if cond and args.guide_path is None and args.guidance != 1 and cfg.get("label_dropout", 0.1) == 0:
+        print(f"note: {args.run} was trained with --label-dropout 0, so its unconditional model (the null label) is "
+              f"untrained and guidance {args.guidance:g} follows it: use --guidance 1, or --guide", file=sys.stderr)
+    args.doubled = "" if args.guidance == 1 else " (guided: twice the model's work a step)"
+
+
+def parse_interval(text):
+    """--guidance-interval LO,HI: 0 <= LO < HI (HI may be inf), as (LO, HI)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not (0 <= lo < hi and not math.isnan(hi)):
+        raise UserError(f"--guidance-interval takes LO,HI with 0 <= LO < HI in sigma/alpha (HI may be inf), got {text}")
+    return lo, hi
 
 
 def check_modes(args, process):
@@ -502,12 +610,24 @@ def check_modes(args, process):
         raise UserError("--resample (RePaint) resamples the ancestral sampler: --inpaint with --sampler ddpm")
     if args.resample:
         args.steps = args.steps or REPAINT_STEPS
+        if args.jump >= args.steps:
+            raise UserError(f"--jump {args.jump} must be below --steps {args.steps}: RePaint jumps back within the grid")
+    for flag, given, needs in (("jump", args.jump != JUMP, "--resample"), ("strength", args.strength != [0.5], "--edit"),
+                               ("edit-by", args.edit_by != "noise", "--edit"), ("mix", args.mix != 0.5, "--invert")):
+        if given and not getattr(args, needs[2:]):
+            print(f"note: --{flag} has no effect without {needs}", file=sys.stderr)
+    if args.interpolate and (args.sampler, args.eta) != ("ddim", 0.0) and args.sampler != "dpm++":
+        print(f"note: --interpolate decodes with deterministic DDIM, not --sampler {args.sampler}", file=sys.stderr)
+    steps, T = args.steps or STEPS.get(args.sampler), getattr(process, "T", None)
+    if T is not None and steps is not None and steps > T and args.sampler in ("ddpm", "ddim", "dpm++"):
+        raise UserError(f"--steps {steps}: the run's chain has T = {T} steps; --{args.sampler} takes at most {T}")
     if args.recon_guidance is not None and not args.inpaint:
         raise UserError("--recon-guidance guides inpainting: give --inpaint and --mask")
     if args.inpaint and args.recon_guidance is None:
         args.recon_guidance = RECON_GUIDANCE
-    if args.edit and args.edit_by == "inversion":
-        args.sampler, args.eta = "ddim", 0.0
+    if args.edit and args.edit_by == "inversion" and args.classes is None and (args.eta == 0 or args.sampler == "ode"):
+        print("note: --edit-by inversion decoded deterministically gives the input back: decode with noise (--eta "
+              "above 0; dpm++'s default is 1) or, on a class-conditional run, towards a --class", file=sys.stderr)
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):
         raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a VE run: use --nll")
     if args.spacing and args.spacing not in process.spacings:
@@ -524,7 +644,7 @@ def check_args(args, process, cfg):
     check_numbers(args)
     if args.eta is None:
         args.eta = 1.0 if args.sampler == "dpm++" else 0.0
-    check_classes(args, cfg)
+    check_guidance(args, cfg)
     check_modes(args, process)
     args.start = None
 
@@ -542,22 +662,33 @@ def run(args, procs):
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     check_args(args, process, cfg)
+    args.guide_net, guide_step = load_guide(args, cfg, process, device) if args.guide_path else (None, None)
+    net, args.guide_net = mixed_precision(args, cfg, net, args.guide_net, device, procs)
     edits = read_edits(args, cfg) if args.inpaint or args.edit else None
     if procs.main:
         print(f"{args.run}: step {ckpt['step']}, {ddpm.count_params(net) / 1e6:.2f} M parameters, "
               f"{'raw' if args.no_ema else 'EMA'} weights", file=sys.stderr)
+        if args.guide_net is not None:
+            where = "" if args.guidance_interval is None else " where {} < sigma/alpha <= {}".format(*args.guidance_interval)
+            print(f"autoguidance: w = {args.guidance:g}{where}, guided by {args.guide_path} (step {guide_step})"
+                  + ("; --guidance 1 for the plain model" if args.guide is None else ""), file=sys.stderr)
     if args.nll or args.vlb:
         (negative_log_likelihood if args.nll else variational_bound)(args, cfg, process, net)
         return
     inception, ref, nearest = None, None, None
     if args.fid:  # the reference and the weights are checked before any time is spent on sampling
-        ref, inception = fid.check_input(args.fid, 2), fid.load_inception(args.fid_weights, device)
+        ref, inception = fid.check_input(args.fid, 2, dims=2048), fid.load_inception(args.fid_weights, device)
     if args.nearest:  # the training images and the features' network, before sampling
         images = training_images(args, cfg, None)[0]
         if args.nearest >= len(images):
             raise UserError(f"--nearest {args.nearest}: the run has {len(images)} training images")
         with_weights = args.fid_weights or Path(fid.weights_cache_path()).is_file()
         nearest = images, fid.load_inception(args.fid_weights, device) if with_weights else None
+    if args.former and procs.main:  # an earlier output in --out: replaced whole, never mixed with this one
+        for path in args.former:
+            path.unlink()
+        print(f"note: removed the {len(args.former)} pictures of an earlier output in {args.out}", file=sys.stderr)
+    procs.barrier()  # before any process writes
     if args.forward:
         forward_process(args, process, cfg)
     elif args.invert:
@@ -566,6 +697,27 @@ def run(args, procs):
         edit(args, process, net, cfg, edits)
     else:
         sample_and_write(args, process, net, cfg, procs, inception, ref, nearest)
+
+
+def mixed_precision(args, cfg, net, guide, device, procs):
+    """The sampling models under --amp (cli.choose_amp; auto times a model call on a batch of noise): autocast
+    around each call, float32 out, the samplers' arithmetic in float32 and float64."""
+    m = cfg["model"]
+    x = torch.randn((min(args.batch_size, 64), m["in_channels"], m["image_size"], m["image_size"]), device=device,
+                    generator=torch.Generator(device).manual_seed(0))
+    t = torch.full((len(x),), 10, device=device)
+
+    def seconds(amp):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            cli.Autocast(net, amp, device)(x, t)
+            return time.perf_counter() - start
+    amp, why = cli.choose_amp(args.amp, device, seconds)
+    if why and procs.main:
+        print(why, file=sys.stderr)
+    if amp == "fp32":
+        return net, guide
+    return cli.Autocast(net, amp, device), None if guide is None else cli.Autocast(guide, amp, device)
 
 
 def forward_process(args, process, cfg):
@@ -587,10 +739,10 @@ def invert_and_mix(args, process, net, cfg):
     x0 = torch.cat([load_image(f, m["image_size"], m["in_channels"]) for f in args.invert]).to(process.device)
     steps, spacing = args.steps or STEPS["ddim"], args.spacing
     labels = None if args.classes is None else torch.tensor(args.classes * 3)
-    x_T = process.ddim_invert(guided(args, net, cfg, None if labels is None else labels[:2]), x0, steps=steps,
+    x_T = process.ddim_invert(guided(args, net, cfg, None if labels is None else labels[:2], process), x0, steps=steps,
                               spacing=spacing, progress=make_progress("inverting"))
     latents = torch.cat([x_T, slerp(x_T[:1], x_T[1:], args.mix)])
-    out = process.ddim_sample(guided(args, net, cfg, labels), x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
+    out = process.ddim_sample(guided(args, net, cfg, labels, process), x_T=latents, steps=steps, spacing=spacing, clip_x0=False)
     pixel = (torch.cat([x0, 0.5 * (x0[:1] + x0[1:])]), out)
     cli.save_grid(torch.cat(pixel).clamp(-1, 1), args.grid, nrow=3)
     err = (out[:2] - x0).abs().max().item()
