@@ -1,49 +1,24 @@
-"""Tests for ddpm.py, fid.py, train.py and sample.py: CPU only, no downloads, a few minutes.
+"""Tests of ddpm.py, the core: schedules, the forward process, losses, samplers, guidance, inpainting,
+likelihoods, the U-Net. CPU only, no downloads.
 
-Run:  python -m pytest -q test_ddpm.py
+Run every test file:  python -m pytest -q
 Most diffusion checks use data x0 ~ N(mu, sd^2 I), whose noise predictor E[eps | x_t] is known in
 closed form, so the samplers can be checked against exact statistics with no training.
 """
-import ast
-import csv
-import gzip
-import json
 import math
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import cli
 import ddpm
-import fid
-import sample
-import train
 
-ROOT = Path(__file__).resolve().parent
+from conftest import gen, run_ddpm_py_alone
+
 MU, SD = 0.3, 0.5
 
 
-def gaussian_oracle(process, mu=MU, sd=SD):
-    """The exact eps-predictor for x0 ~ N(mu, sd^2 I) of any process with marginals x_t = alpha x0 + sigma z:
-    E[eps | x_t] = sigma (x_t - alpha mu) / (alpha^2 sd^2 + sigma^2); for Diffusion at integer t,
-    sqrt(1 - a) (x_t - sqrt(a) mu) / (a sd^2 + 1 - a) with a = alpha-bar_t."""
-    def model(x, t):
-        a, s = (v.reshape(-1, 1, 1, 1) for v in process.marginal_at(t))
-        return s * (x - a * mu) / (a ** 2 * sd ** 2 + s ** 2)
-    return model
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+gaussian_oracle = ddpm.gaussian_eps  # the exact eps-predictor of N(mu, sd^2 I) data on any process
 
 
 def perturbed_unet(scale=0.05, **overrides):
@@ -595,6 +570,17 @@ def test_ode_sampler_is_the_exact_flow_and_its_cost_shrinks_with_the_tolerance(p
     assert x.mean().item() == pytest.approx(MU, abs=0.03 if process == "ve" else 0.01)  # VE: prior mean 0, not mu
 
 
+def test_a_tolerance_below_float32s_reach_stops_with_a_reason_instead_of_hanging(monkeypatch):
+    """Rounding makes some tiny steps' error estimates 0, so they are accepted and the solver would crawl on
+    forever: the call budget ends it (a smaller budget here, for the test's time)."""
+    monkeypatch.setattr(ddpm, "ODE_MAX_CALLS", 3000)
+    d, calls = ddpm.Diffusion(ddpm.make_betas("linear", 1000)), []
+    model = lambda x, t: calls.append(t) or gaussian_oracle(d)(x, t)
+    with pytest.raises(ValueError, match="the ODE solver is stuck .* below what torch.float32 can reach"):
+        d.ode_sample(model, (64, 1, 4, 4), rtol=1e-13, atol=1e-13, generator=gen())
+    assert len(calls) <= 3000 + 8
+
+
 @pytest.mark.parametrize("process", ["vp", "ve"])
 def test_bits_per_dim_is_the_density_of_the_pushed_forward_prior(process):
     p = PROCESSES[process]()
@@ -778,6 +764,107 @@ def test_conditional_ddim_inversion_round_trips():
     x0 = MEANS[y].reshape(-1, 1, 1, 1) + SD * torch.randn(64, 1, 4, 4, generator=gen())
     x_T = d.ddim_invert(model, x0, steps=50)
     assert (d.ddim_sample(model, x_T=x_T, steps=50, clip_x0=False) - x0).abs().max() < 2e-3
+
+# ----------------------------------------------------------------------------------------------
+# autoguidance (Karras et al. 2024) and the guidance interval (Kynkaanniemi et al. 2024)
+
+MU_MAIN, MU_GUIDE = 0.3, -0.2  # the main model's data N(MU_MAIN, SD^2) and the weaker guide's N(MU_GUIDE, SD^2)
+
+
+def test_autoguidance_at_weight_one_or_by_the_model_itself_is_the_main_model_bit_for_bit():
+    main, guide = perturbed_unet(in_channels=1), perturbed_unet(scale=0.08, in_channels=1)
+    x, t = torch.randn(4, 1, 16, 16, generator=gen()), torch.tensor([3, 50, 500, 999])
+    calls = []
+    counting = lambda model: lambda *a: calls.append(a[0].shape[0]) or model(*a)
+    with torch.inference_mode():
+        plain, weak = main(x, t), guide(x, t)
+        assert torch.equal(ddpm.Guided(main, None, 1.0, guide=guide)(x, t), plain)
+        for w in (0.0, 2.0, 3.5):
+            assert torch.equal(ddpm.Guided(main, None, w, guide=main)(x, t), plain)
+        guided = ddpm.Guided(counting(main), None, 2.0, guide=counting(guide))(x, t)
+        assert torch.allclose(guided, weak + 2.0 * (plain - weak), atol=1e-6) and calls == [4, 4]
+        net, y = perturbed_unet(in_channels=1, num_classes=3), torch.tensor([0, 1, 2, 1])
+        weak_net = perturbed_unet(scale=0.08, in_channels=1, num_classes=3)  # a class-conditional pair
+        both = ddpm.Guided(net, y, 3.0, guide=weak_net)(x, t)
+        assert torch.allclose(both, weak_net(x, t, y) + 3.0 * (net(x, t, y) - weak_net(x, t, y)), atol=1e-6)
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_autoguidance_of_gaussians_is_the_gaussian_of_the_extrapolated_mean(process, sampler):
+    """eps_g + w (eps_m - eps_g) for data N(mu_m, s^2) and N(mu_g, s^2) is the exact predictor of
+    N(mu_m + (w - 1)(mu_m - mu_g), s^2): every sampler on both processes gives what it gives for that Gaussian."""
+    p = PROCESSES[process]()
+    x_T = p.prior_std * torch.randn(1024, 1, 4, 4, generator=gen(2))
+    for w in (1.0, 2.0, 3.0):
+        model = ddpm.Guided(gaussian_oracle(p, MU_MAIN), None, w, guide=gaussian_oracle(p, MU_GUIDE))
+        target = gaussian_oracle(p, MU_MAIN + (w - 1) * (MU_MAIN - MU_GUIDE))
+        a, b = (SAMPLERS[sampler](p, m, x_T, 10, gen(3)) for m in (model, target))
+        assert torch.allclose(a, b, atol=2e-5), (w, (a - b).abs().max())
+    x = p.ddpm_sample(model, (4096, 1, 4, 4), clip_x0=False, generator=gen(4))  # w = 3, the whole chain
+    assert x.mean().item() == pytest.approx(MU_MAIN + 2 * (MU_MAIN - MU_GUIDE), abs=0.015 if process == "vp" else 0.03)
+    assert x.std().item() == pytest.approx(SD, rel=0.02)
+
+
+def interval_flow(p, x_T, lo, hi, w):
+    """The exact probability-flow ODE of Gaussian data guided only where lo < sigma/alpha <= hi: three affine
+    pieces x_t = alpha_t mu + std_t / std_s (x_s - alpha_s mu), std_t = sqrt(alpha_t^2 SD^2 + sigma_t^2), with
+    mu = MU_MAIN outside and the extrapolated mean inside; then E[x0 | x] at the data end (outside)."""
+    guided_mu = MU_MAIN + (w - 1) * (MU_MAIN - MU_GUIDE)
+    t_hi, t_lo = (p.time_of_log_snr(torch.tensor([-math.log(r)], dtype=torch.float64)) for r in (hi, lo))
+    x, s = x_T.double(), torch.tensor([p.t_start], dtype=torch.float64)
+    for t, mu in ((t_hi, MU_MAIN), (t_lo, guided_mu), (torch.tensor([p.t_end], dtype=torch.float64), MU_MAIN)):
+        (a_s, g_s), (a_t, g_t) = p.marginal(s), p.marginal(t)
+        std_s, std_t = (a_s ** 2 * SD ** 2 + g_s ** 2).sqrt(), (a_t ** 2 * SD ** 2 + g_t ** 2).sqrt()
+        x, s = a_t * mu + std_t / std_s * (x - a_s * mu), t
+    return MU_MAIN + SD ** 2 * a_t / std_t ** 2 * (x - a_t * MU_MAIN), (a_t, std_t)
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_a_guidance_interval_moves_the_flow_by_the_closed_form_and_full_or_empty_intervals_are_exact(process):
+    """Through the exact probability-flow ODE each sample lands where the piecewise closed form puts it; the
+    mean moves by (w - 1)(mu_m - mu_g) s (alpha_a / std_a - alpha_b / std_b) at the interval's ends a (data
+    side) and b, times the data end's gain; an interval holding every noise level is full guidance and an
+    empty one none, bit for bit."""
+    p, w, (lo, hi) = PROCESSES[process](), 2.5, (0.4, 3.0)
+    main, guide = gaussian_oracle(p, MU_MAIN), gaussian_oracle(p, MU_GUIDE)
+    x_T = p.prior_std * torch.randn(512, 1, 4, 4, generator=gen())
+    x, _ = p.ode_sample(ddpm.Guided(main, None, w, guide=guide, interval=(lo, hi), process=p), x_T=x_T,
+                        rtol=1e-6, atol=1e-6)
+    exact, _ = interval_flow(p, x_T, lo, hi, w)
+    assert (x.double() - exact).abs().max() < 2e-3, (x.double() - exact).abs().max()
+    plain, (a_e, std_e) = interval_flow(p, x_T, lo, hi, 1.0)  # w = 1: the main model's own flow
+    (a_a, s_a), (a_b, s_b) = (p.marginal(p.time_of_log_snr(torch.tensor([-math.log(r)], dtype=torch.float64)))
+                              for r in (lo, hi))
+    ratio = lambda a, s: a / (a ** 2 * SD ** 2 + s ** 2).sqrt()
+    shift = (w - 1) * (MU_MAIN - MU_GUIDE) * SD * (ratio(a_a, s_a) - ratio(a_b, s_b))
+    assert torch.allclose(exact - plain, shift * SD * a_e / std_e, atol=1e-12)  # the data end's gain: 1 to 3e-4
+    assert (x.double() - plain).mean().item() == pytest.approx(shift.item(), rel=1e-2)
+    for interval, same_as in (((0.0, math.inf), ddpm.Guided(main, None, w, guide=guide)), ((1e6, 1e7), main)):
+        a = p.ode_sample(ddpm.Guided(main, None, w, guide=guide, interval=interval, process=p), x_T=x_T)[0]
+        assert torch.equal(a, p.ode_sample(same_as, x_T=x_T)[0])
+
+
+def test_outside_the_interval_one_model_call_and_inside_one_call_of_each():
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    calls = {"main": 0, "guide": 0}
+
+    def counting(name, model):
+        def f(x, t):
+            calls[name] += 1
+            return model(x, t)
+        return f
+    lo, hi = 0.5, 5.0
+    guided = ddpm.Guided(counting("main", gaussian_oracle(d, MU_MAIN)), None, 2.0, process=d, interval=(lo, hi),
+                         guide=counting("guide", gaussian_oracle(d, MU_GUIDE)))
+    times = d.time_grid(10, "linspace")
+    d.ddim_sample(guided, (8, 1, 4, 4), steps=10, spacing="linspace")
+    alpha, sigma = d.marginal(times)
+    assert calls == {"main": 10, "guide": int(((sigma / alpha > lo) & (sigma / alpha <= hi)).sum())}
+    assert 0 < calls["guide"] < 10
+    with pytest.raises(ValueError, match="needs the process"):
+        ddpm.Guided(gaussian_oracle(d), None, 2.0, guide=gaussian_oracle(d), interval=(lo, hi))
+
 
 # ----------------------------------------------------------------------------------------------
 # inpainting (replacement, RePaint) and SDEdit on Gaussian data, whose conditionals are known
@@ -1060,17 +1147,6 @@ def test_ema_is_an_exponential_moving_average():
     assert torch.equal(model.weight, ema.model.weight)
 
 
-def run_ddpm_py_alone(folder, code):
-    """code run in a folder that holds a copy of ddpm.py and nothing else, where numpy, PIL and scipy cannot be
-    imported: its stdout."""
-    shutil.copy(ROOT / "ddpm.py", folder)
-    code = "import sys\nsys.modules.update(numpy=None, PIL=None, scipy=None)\nimport ddpm, torch\n" + code
-    out = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
-                         env={"PATH": "", "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 def test_ddpm_py_alone_imports_and_samples(tmp_path):
     """ddpm.py copied into an empty folder needs nothing but torch."""
     out = run_ddpm_py_alone(tmp_path, "m = ddpm.UNet(**ddpm.PRESETS['tiny']).eval()\n"
@@ -1079,1415 +1155,3 @@ def test_ddpm_py_alone_imports_and_samples(tmp_path):
     assert out.strip() == "(2, 3, 32, 32)"
 
 # ----------------------------------------------------------------------------------------------
-# fid.py: closed forms, the weights layout and loading path, the command line
-
-
-
-
-def random_inception_state():
-    """Random weights in the published layout, He-initialised so features stay O(1)."""
-    torch.manual_seed(0)
-    net = fid.FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    return net.state_dict()
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(random_inception_state(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inception(inception_weights):
-    return fid.load_inception(inception_weights)
-
-
-def write_images(folder, n, seed, size=24, bright=0):
-    """n smooth random RGB images (a few as grey / JPEG / in a subfolder) -> folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = np.random.default_rng(seed)
-    for i in range(n):
-        small = g.integers(0, 256 - bright, (4, 4, 3), dtype=np.uint8) + bright
-        im = Image.fromarray(small).resize((size, size), Image.BILINEAR)
-        if i % 4 == 1:
-            im.convert("L").save(folder / f"{i:03d}.png")
-        elif i % 4 == 2:
-            (folder / "sub").mkdir(exist_ok=True)
-            im.save(folder / "sub" / f"{i:03d}.jpg", quality=95)
-        else:
-            im.save(folder / f"{i:03d}.png")
-    return folder
-
-
-def fid_from_features(fa, fb):
-    """FID of two feature sets without any d x d root, as an independent check: with centred
-    features A, B, S1 S2 has the nonzero eigenvalues of (A B^T)(A B^T)^T / ((n1 - 1)(n2 - 1)), so
-    Tr((S1 S2)^(1/2)) is the nuclear norm of A B^T / sqrt((n1 - 1)(n2 - 1))."""
-    fa, fb = np.asarray(fa, np.float64), np.asarray(fb, np.float64)
-    a, b = fa - fa.mean(0), fb - fb.mean(0)
-    tr_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
-    diff = fa.mean(0) - fb.mean(0)
-    return diff @ diff + (a * a).sum() / (len(a) - 1) + (b * b).sum() / (len(b) - 1) - 2 * tr_sqrt
-
-
-def test_frechet_distance_equals_pytorch_fids_sqrtm_on_full_rank_statistics():
-    """pytorch-fid takes Tr((S1 S2)^(1/2)) from scipy's sqrtm; on full-rank statistics the eigh route
-    gives the same number to rounding, and on few images the Gram-matrix route's exact one."""
-    from scipy import linalg
-    rng = np.random.default_rng(3)
-    fa, fb = rng.normal(size=(300, 64)), rng.normal(size=(200, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.1
-    sa, sb = (fid.activation_statistics(f) for f in (fa, fb))
-    ref = (sa[0] - sb[0]) @ (sa[0] - sb[0]) + np.trace(sa[1]) + np.trace(sb[1]) \
-        - 2 * np.trace(linalg.sqrtm(sa[1] @ sb[1])).real
-    assert fid.frechet_distance(*sa, *sb) == pytest.approx(ref, rel=1e-10)
-    assert fid.frechet_distance(*sa, *sb) == pytest.approx(fid_from_features(fa, fb), rel=1e-10)
-    few_a, few_b = fa[:5], fb[:4]  # rank 4 and 3 covariances in 64-d
-    assert fid.frechet_distance(*fid.activation_statistics(few_a), *fid.activation_statistics(few_b)) == \
-        pytest.approx(fid_from_features(few_a, few_b), rel=1e-9)
-
-
-def test_frechet_distance_closed_forms():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(50, 6))
-    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
-    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
-    shift = np.arange(6.0)
-    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-6)
-    d1, d2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 1.0])
-    assert fid.frechet_distance(np.zeros(3), np.diag(d1), np.zeros(3), np.diag(d2)) == \
-        pytest.approx(((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-9)
-    # non-commuting covariances: Tr((S1 S2)^(1/2)) is the sum of the roots of S1 S2's eigenvalues
-    b = rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))
-    s2 = np.cov(b, rowvar=False)
-    expected = np.trace(sigma) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(sigma @ s2).real).sum()
-    assert fid.frechet_distance(mu, sigma, mu, s2) == pytest.approx(expected, rel=1e-6)
-
-
-def test_frechet_distance_of_singular_covariances_is_finite():
-    s = np.diag([1.0, 0.0, 0.0])  # rank 1: the zero eigenvalues must give roots of 0, not of rounding noise
-    assert fid.frechet_distance(np.zeros(3), s, np.ones(3), s) == pytest.approx(3.0, abs=1e-4)
-
-
-def test_inception_score_resize_is_tensorflow_1s_bilinear():
-    """TF1 resize_bilinear without half-pixel centres: output i reads source i * in / out (here i / 2),
-    the last neighbour clamped; rows [0, 100] and [200, 255] worked by hand."""
-    x = torch.tensor([[[[0.0, 100.0], [200.0, 255.0]]]])
-    expected = torch.tensor([[0.0, 50.0, 100.0, 100.0], [100.0, 138.75, 177.5, 177.5],
-                             [200.0, 227.5, 255.0, 255.0], [200.0, 227.5, 255.0, 255.0]])
-    assert torch.equal(fid.resize_bilinear_tf1(x, 4)[0, 0], expected)
-    half_pixel = torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
-    assert half_pixel[0, 0, 0].tolist() == [0.0, 25.0, 75.0, 100.0]  # pytorch-fid's FID resize differs
-    big = torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(1, 3, 5, 7)
-    out = fid.resize_bilinear_tf1(big, 299)  # source 5 -> 299: output row i reads row i * 5 / 299
-    assert out.shape == (1, 3, 299, 299) and torch.equal(out[..., 0, 0], big[..., 0, 0])
-    assert torch.allclose(out[0, 0, 60, 0], big[0, 0, 1, 0] + (60 * 5 / 299 - 1) * (big[0, 0, 2, 0] - big[0, 0, 1, 0]))
-
-
-def test_inception_score_closed_forms():
-    n = 12
-    assert fid.inception_score(np.zeros((50, 1008)), splits=5) == pytest.approx((1.0, 0.0))
-    one_hot = np.full((n, 1008), -1e4)
-    one_hot[np.arange(n), np.arange(n)] = 0.0  # n images, n distinct confident classes
-    assert fid.inception_score(one_hot, splits=1)[0] == pytest.approx(n, rel=1e-9)
-    twice = np.concatenate([one_hot, one_hot])
-    assert fid.inception_score(twice, splits=2, shuffle=False) == pytest.approx((n, 0.0), rel=1e-9)
-
-
-def test_network_shapes_and_published_layout(inception):
-    state = inception.state_dict()
-    assert state["fc.weight"].shape == (1008, 2048) and state["fc.bias"].shape == (1008,)
-    for key in ("Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_mean", "Mixed_5b.branch5x5_2.conv.weight",
-                "Mixed_6e.branch7x7dbl_5.bn.running_var", "Mixed_7c.branch3x3dbl_3b.conv.weight"):
-        assert key in state
-    assert state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
-    assert all(m.eps == 0.001 for m in inception.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    with torch.inference_mode():
-        feats, logits = inception(torch.rand(2, 3, 40, 28))
-    assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and feats.std() > 0.01
-
-
-def test_weights_load_strictly_through_the_torch_hub_cache(tmp_path, inception_weights, inception):
-    """The same code path as a real download, with the file already in the hub cache."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
-    try:
-        (tmp_path / "checkpoints").mkdir()
-        shutil.copy(inception_weights, tmp_path / "checkpoints" / inception_weights.name)
-        model = fid.load_inception()
-    finally:
-        torch.hub.set_dir(old)
-    x = torch.rand(1, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.equal(model(x)[0], inception(x)[0])
-
-
-def test_unavailable_weights_are_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "nowhere" / "pt_inception-x.pth").as_uri())
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
-    try:
-        with pytest.raises(cli.UserError, match="--weights PATH"):
-            fid.load_inception()
-    finally:
-        torch.hub.set_dir(old)
-    bad = tmp_path / "bad.pth"
-    torch.save({"fc.weight": torch.zeros(3)}, bad)
-    with pytest.raises(cli.UserError, match="bad.pth"):
-        fid.load_inception(bad)
-
-
-def test_in_memory_activations_equal_those_of_saved_pngs(tmp_path, inception):
-    x = torch.rand(5, 3, 20, 20, generator=gen()) * 2 - 1
-    for i, im in enumerate(cli.to_uint8(x)):
-        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
-    mem = fid.get_activations(fid.tensor_batches(x, 5), inception)
-    disk = fid.folder_activations(tmp_path, inception, batch_size=5, quiet=True)
-    assert np.array_equal(mem[0], disk[0]) and np.array_equal(mem[1], disk[1])
-
-
-def test_npz_round_trip_and_bad_stats(tmp_path):
-    mu, sigma = np.arange(3.0), np.eye(3) * 2
-    fid.save_stats(tmp_path / "s.npz", mu, sigma)
-    m2, s2 = fid.load_stats(tmp_path / "s.npz")
-    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma)
-    np.savez(tmp_path / "bad.npz", mean=mu)
-    with pytest.raises(cli.UserError, match="no 'mu' and 'sigma'"):
-        fid.load_stats(tmp_path / "bad.npz")
-    assert fid.main(["--isc", str(tmp_path / "s.npz")]) == 1  # an .npz has no logits: one line, no traceback
-
-
-def test_fid_command_line_end_to_end(tmp_path, inception_weights, inception, capsys):
-    a = write_images(tmp_path / "a", 6, seed=1)
-    b = write_images(tmp_path / "b", 6, seed=2, bright=120)
-    (a / "corrupt.png").write_bytes(b"not an image")
-    w = ["--weights", str(inception_weights), "--num-workers", "0", "--batch-size", "4"]
-
-    def run(*args):
-        assert fid.main([*args, *w]) == 0
-        out = capsys.readouterr()
-        return out.out.strip(), out.err
-
-    fa, fb = (fid.folder_activations(p, inception, quiet=True)[0] for p in (a, b))
-    logits_b = fid.folder_activations(b, inception, quiet=True, isc_input=True)[1]  # IS: torch-fidelity's input
-    mu_a, sigma_a = fid.activation_statistics(fa)
-    expected = fid_from_features(fa, fb)
-    out, err = run(str(a), str(b))
-    assert "a: 6 images (1 unreadable, skipped)" in err
-    assert expected > 1 and out.startswith("FID: ") and float(out[5:]) == pytest.approx(expected, abs=1e-3)
-    run("--save-stats", str(a), str(tmp_path / "a.npz"))
-    mu, sigma = fid.load_stats(tmp_path / "a.npz")
-    assert np.allclose(mu, mu_a, rtol=1e-12) and np.allclose(sigma, sigma_a, rtol=1e-12)
-    mean, std = fid.inception_score(logits_b, splits=2)
-    assert run("--isc", str(b), "--splits", "2")[0] == f"IS: {mean:.4f} +- {std:.4f}"
-    fid_path_logits = fid.folder_activations(b, inception, quiet=True)[1]
-    assert not np.allclose(fid_path_logits, logits_b)  # the two input paths really differ
-    # two statistics files need no network; identical ones print exactly 0
-    fid.save_stats(tmp_path / "s.npz", np.ones(3), np.diag([1.0, 2.0, 3.0]))
-    fid.save_stats(tmp_path / "t.npz", np.zeros(3), np.diag([4.0, 2.0, 3.0]))
-    assert run(str(tmp_path / "s.npz"), str(tmp_path / "s.npz"))[0] == "FID: 0.0000"
-    assert run(str(tmp_path / "s.npz"), str(tmp_path / "t.npz"))[0] == f"FID: {3 + (2 - 1) ** 2:.4f}"
-
-
-def mmd2_unbiased_by_pairs(x, y):
-    """The unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, pair by pair: the definition KID averages."""
-    k = lambda a, b: (float(a @ b) / len(a) + 1) ** 3
-    m = len(x)
-    same = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    return same - 2 * sum(k(a, b) for a in x for b in y) / m ** 2
-
-
-def test_kid_equals_the_pairwise_definition_and_closed_forms():
-    g = np.random.default_rng(0)
-    x, y = g.normal(size=(12, 5)), g.normal(size=(15, 5)) + 0.5
-    mean, std = fid.kernel_inception_distance(x, y[:12], subsets=1, subset_size=12)  # one subset: all of both
-    assert mean == pytest.approx(mmd2_unbiased_by_pairs(x, y[:12]), rel=1e-12) and std == 0
-    mean, std = fid.kernel_inception_distance(x, y, subsets=7, subset_size=1000)  # capped at the smaller set, 12
-    assert std > 0 and mean == pytest.approx(np.mean([mmd2_unbiased_by_pairs(
-        x[r.choice(12, 12, replace=False)], y[r.choice(15, 12, replace=False)]) for r in [np.random.RandomState(2020)]
-        for _ in range(7)]), rel=1e-12)
-    # point masses at a and b: every kernel value is known, so MMD^2 = k(a, a) + k(b, b) - 2 k(a, b)
-    for shift in (0.0, 0.5, 1.0, 2.0):
-        a, b = np.zeros((20, 8)), np.full((20, 8), shift)
-        assert fid.kernel_inception_distance(a, b, subsets=3)[0] == pytest.approx((shift ** 2 + 1) ** 3 - 1, abs=1e-12)
-    p, q = g.normal(size=(400, 16)), g.normal(size=(400, 16))  # two samples of one distribution
-    own, own_std = fid.kernel_inception_distance(p, q, subsets=20, subset_size=200)
-    far, _ = fid.kernel_inception_distance(p, q + 0.3, subsets=20, subset_size=200)
-    assert abs(own) < 3 * own_std < far / 5  # unbiased: about 0, of either sign, against a clear shift
-    with pytest.raises(cli.UserError, match="at least 2"):
-        fid.kernel_inception_distance(x[:1], y)
-
-
-def test_fid_command_line_kid(tmp_path, inception_weights, inception, capsys):
-    a, b = write_images(tmp_path / "a", 5, seed=1), write_images(tmp_path / "b", 4, seed=2, bright=120)
-    assert fid.main([str(a), str(b), "--kid", "--weights", str(inception_weights), "--num-workers", "0"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    fa, fb = (fid.folder_activations(p, inception, quiet=True)[0] for p in (a, b))
-    ka, kb = (fid.folder_activations(p, inception, quiet=True, isc_input=True)[0] for p in (a, b))
-    mean, std = fid.kernel_inception_distance(ka, kb)  # KID on torch-fidelity's input path for it
-    assert lines[0].startswith("FID: ") and lines[1] == f"KID: {mean:.6f} +- {std:.6f}"
-    assert f"{fid.kernel_inception_distance(fa, fb)[0]:.6f}" != f"{mean:.6f}"  # the FID path would differ
-    fid.save_stats(tmp_path / "s.npz", np.ones(3), np.eye(3))
-    assert fid.main([str(tmp_path / "s.npz"), str(b), "--kid", "--weights", str(inception_weights)]) == 1
-    assert "statistics files hold no features" in capsys.readouterr().err
-    assert fid.main([str(a), str(b), "--prc", "--prc-k", "2", "--weights", str(inception_weights), "--num-workers", "0"]) == 0
-    precision, recall = fid.precision_recall(fa, fb, k=2)
-    assert capsys.readouterr().out.strip().splitlines()[1:] == [f"precision: {precision:.4f}", f"recall: {recall:.4f}"]
-
-
-def torch_fidelity_inception(weights):
-    """torch-fidelity's FeatureExtractorInceptionV3 with the given weights, loaded from its file alone (the
-    package's __init__ needs torchvision); skips when torch-fidelity is not installed."""
-    import importlib.util
-    import types
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.skip("torch-fidelity is not installed (a reference for this machine, not a dependency)")
-    package = types.ModuleType("torch_fidelity")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault("torch_fidelity", package)
-    module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
-    return module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
-
-
-def test_kid_features_of_images_are_torch_fidelitys(tmp_path, inception_weights, inception):
-    """On the published layout (random weights), the features KID uses are torch-fidelity's to float32
-    rounding (bit for bit in the contiguous layout; ours runs channels_last); FID's input path, pytorch-fid's,
-    gives other features (3% apart) and another KID."""
-    theirs = torch_fidelity_inception(inception_weights)
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8))
-    with torch.inference_mode():
-        expected = theirs(images)[0].double().numpy()
-    assert np.allclose(fid.get_activations([images], inception, isc_input=True)[0], expected, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(fid.get_activations([images], inception)[0], expected, rtol=1e-2)
-
-
-def test_precision_recall_is_the_k_nearest_neighbour_manifold_test():
-    g = np.random.default_rng(1)
-    real, fake = g.normal(size=(30, 4)), g.normal(size=(25, 4)) * 1.5 + 0.8
-
-    def inside(points, centres, k):  # the definition, point by point
-        radius = [sorted(np.linalg.norm(centres - c, axis=1))[k] for c in centres]  # [0] is the point itself
-        return np.mean([any(np.linalg.norm(p - c) <= r for c, r in zip(centres, radius)) for p in points])
-
-    for k in (1, 3, 5):
-        assert fid.precision_recall(real, fake, k) == pytest.approx((inside(fake, real, k), inside(real, fake, k)), abs=1e-12)
-    precision, recall = fid.precision_recall(real, fake, 3)
-    assert 0 < precision < 1 and 0 < recall < 1
-    assert fid.precision_recall(real, real) == (1.0, 1.0)
-    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
-    assert fid.precision_recall(real, fake, batch_size=7) == (precision, recall)  # chunking changes nothing
-    assert fid.precision_recall(real, real[:20])[0] == 1.0  # a subset of the real set lies inside it
-    with pytest.raises(cli.UserError, match="more than 3"):
-        fid.precision_recall(real[:3], fake)
-
-
-@pytest.mark.parametrize("case", ["missing", "empty", "one image", "bad npz"])
-def test_fid_command_line_bad_input_is_one_line(tmp_path, inception_weights, case):
-    write_images(tmp_path / "good", 3, seed=0)
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    write_images(tmp_path / "one", 1, seed=0)
-    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
-    first = {"missing": "nope", "empty": "empty", "one image": "one", "bad npz": "bad.npz"}[case]
-    out = subprocess.run([sys.executable, str(ROOT / "fid.py"), first, "good", "--weights", str(inception_weights),
-                          "--num-workers", "0"], cwd=tmp_path, capture_output=True, text=True)
-    assert out.returncode == 1 and out.stdout == ""
-    lines = [line for line in out.stderr.splitlines() if line.startswith("fid.py: error:")]
-    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
-
-# ----------------------------------------------------------------------------------------------
-# train.py and sample.py
-
-
-
-TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--T", "50", "--schedule", "linear",
-        "--sample-n", "4", "--sample-steps", "5", "--workers", "0", "--warmup", "2"]
-
-
-def mixed_folder(root):
-    """Images of several sizes, modes and formats, one corrupt file, one non-image."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = np.random.default_rng(0)
-    specs = [("a.png", "RGB", (40, 30)), ("b.jpg", "RGB", (16, 16)), ("c.bmp", "L", (20, 24)),
-             ("sub/d.webp", "RGB", (33, 17)), ("sub/deeper/e.png", "RGBA", (16, 16)), ("f.png", "P", (18, 18)),
-             ("g.PNG", "RGB", (64, 64)), ("h.jpeg", "L", (17, 31))]
-    for name, mode, (w, h) in specs:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(root / name)
-    (root / "broken.png").write_bytes(b"\x89PNG not really")
-    (root / "notes.txt").write_text("not an image")
-    return root
-
-
-def read_log(run):
-    with open(run / "log.csv") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    run = root / "run"
-    assert train.main(["--data", str(mixed_folder(root / "data")), "--out", str(run), "--steps", "6",
-                       "--save-every", "3", "--sample-every", "3", "--log-every", "1", *TINY]) == 0
-    return run
-
-
-def test_training_run_folder_holds_everything(trained_run):
-    assert json.loads((trained_run / "config.json").read_text())["model"]["image_size"] == 16
-    assert [int(r["step"]) for r in read_log(trained_run)] == list(range(1, 7))
-    assert sorted(p.name for p in (trained_run / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
-    grid = Image.open(trained_run / "samples" / "step_000006.png")
-    assert grid.size == (2 * 18 + 2, 2 * 18 + 2) and grid.mode == "RGB"  # 4 samples of 16 px, 2 px padding
-    assert Image.open(trained_run / "loss.png").size == (640, 360)
-    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 6 and not list(trained_run.rglob("*.tmp"))
-    assert set(ckpt) >= {"model", "ema", "optimizer", "step", "epoch", "config", "rng"}
-    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
-
-
-def test_ddpm_load_in_a_copied_file_samples_what_the_run_samples(tmp_path, trained_run):
-    """ddpm.py alone in an empty folder loads a checkpoint of train.py (model, EMA or raw weights, process,
-    configuration) and draws the samples that the toolkit draws from it."""
-    out = run_ddpm_py_alone(tmp_path, "for ema in (True, False):\n"
-                            f"    model, process, cfg = ddpm.load({str(trained_run / 'ckpt.pt')!r}, ema=ema)\n"
-                            "    x = process.dpm_solver_sample(model, (2, 3, 16, 16), steps=5,\n"
-                            "                                  generator=ddpm.sample_generators(0, [0, 1]))\n"
-                            "    torch.save(x, f'x{int(ema)}.pt')\n"
-                            "print(type(process).__name__, cfg['T'], cfg['model']['image_size'])\n")
-    assert out.split() == ["Diffusion", "50", "16"]
-    ckpt, model, ema, process = cli.load_checkpoint(trained_run)
-    for weights, name in ((ema.model, "x1.pt"), (model, "x0.pt")):
-        x = process.dpm_solver_sample(weights.eval(), (2, 3, 16, 16), steps=5, generator=ddpm.sample_generators(0, [0, 1]))
-        assert torch.equal(torch.load(tmp_path / name), x)
-    assert not torch.equal(torch.load(tmp_path / "x0.pt"), torch.load(tmp_path / "x1.pt"))
-
-
-def test_folder_loading_fits_every_format_and_skips_the_corrupt_file(tmp_path, capsys):
-    data = cli.load_folder(mixed_folder(tmp_path), 16, 3)
-    assert data.shape == (8, 3, 16, 16) and data.dtype == torch.uint8
-    assert "image files skipped: 1 unreadable" in capsys.readouterr().err
-    assert cli.load_folder(tmp_path, 12, 1).shape == (8, 1, 12, 12)
-    # fitting: short side resized, centre crop
-    im = Image.new("RGB", (40, 20), (255, 0, 0))
-    im.paste((0, 0, 255), (0, 0, 5, 20))  # a blue band on the left is cropped away
-    assert (cli.fit_image(im, 8, "RGB")[:, :, 0] == np.array([[255], [0], [0]])).all()
-
-
-def test_a_folder_too_large_for_memory_is_streamed_with_the_same_batches(tmp_path, monkeypatch, capsys):
-    data = mixed_folder(tmp_path / "data")
-    in_memory = cli.load_folder(data, 16, 3)
-    monkeypatch.setattr(cli, "memory_budget", lambda: 0)
-    streamed = cli.load_folder(data, 16, 3, workers=2)
-    assert isinstance(streamed, cli.StreamedImages) and len(streamed) == len(in_memory) == 8
-    assert "decoding each batch from disk" in capsys.readouterr().err
-    idx = torch.tensor([7, 0, 3, 3])
-    assert torch.equal(streamed[idx], in_memory[idx])
-    args = ["--data", str(data), "--steps", "5", "--sample-every", "0", "--log-every", "1", *TINY]
-    assert train.main(["--out", str(tmp_path / "streamed"), *args]) == 0
-    monkeypatch.setattr(cli, "memory_budget", lambda: 1e12)
-    assert train.main(["--out", str(tmp_path / "memory"), *args]) == 0
-    assert [r["loss"] for r in read_log(tmp_path / "streamed")] == [r["loss"] for r in read_log(tmp_path / "memory")]
-
-
-def test_idx_files_are_read_exactly(tmp_path):
-    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    header = bytes([0, 0, 8, 3]) + np.array([5, 28, 28], ">i4").tobytes()
-    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + imgs.tobytes())
-    assert np.array_equal(cli.read_idx_images(tmp_path / "t10k-images-idx3-ubyte.gz"), imgs)
-    assert np.array_equal(cli.load_folder(tmp_path, 28, 1)[:, 0].numpy(), imgs)
-
-
-def test_bench_digits_are_the_idx_digits_and_nearest_takes_the_lower_half_of_the_nearest_upper_half(tmp_path):
-    import bench
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (4, 6, 6), dtype=np.uint8)
-    imgs[1, :3] = imgs[0, :3] + (imgs[0, :3] < 250)  # 0 and 1 share an upper half but for 1s; 2, 3 far apart
-    imgs[2, :3], imgs[3, :3] = 0, 255
-    labels = np.array([4, 9, 4, 1], np.uint8)
-    for name, dims, data in (("images-idx3", [4, 6, 6], imgs), ("labels-idx1", [4], labels)):
-        with gzip.open(tmp_path / f"t10k-{name}-ubyte.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, len(dims)]) + np.array(dims, ">i4").tobytes() + data.tobytes())
-    bench.export_digits(tmp_path, 4, tmp_path / "plain")
-    bench.export_digits(tmp_path, 3, tmp_path / "nn", nearest=True)
-    read = lambda path: np.array(Image.open(path))
-    assert sorted(p.relative_to(tmp_path / "plain").as_posix() for p in (tmp_path / "plain").rglob("*.png")) == [
-        "1/00003.png", "4/00000.png", "4/00002.png", "9/00001.png"]
-    assert all(np.array_equal(read(tmp_path / "plain" / f"{labels[i]}/{i:05d}.png"), imgs[i]) for i in range(4))
-    d = [((imgs[2, :3].astype(float) - imgs[j, :3]) ** 2).sum() for j in (0, 1, 3)]
-    nearest = {0: 1, 1: 0, 2: (0, 1, 3)[int(np.argmin(d))]}  # 0 and 1 each other's: each takes the other's original
-    for i, j in nearest.items():
-        out = read(tmp_path / "nn" / f"{labels[i]}/{i:05d}.png")
-        assert np.array_equal(out[:3], imgs[i, :3]) and np.array_equal(out[3:], imgs[j, 3:])
-
-
-def test_demo_shapes_are_deterministic_and_varied():
-    a, b = cli.demo_shapes(64, 32, seed=3), cli.demo_shapes(64, 32, seed=3)
-    assert torch.equal(a, b) and a.shape == (64, 3, 32, 32)
-    assert a.float().std((1, 2, 3)).min() > 10  # every image has a visible shape on its background
-    assert cli.demo_shapes(8, 16, channels=1).shape == (8, 1, 16, 16)
-
-
-def test_batch_order_is_a_function_of_seed_and_step():
-    first_epoch = torch.cat([train.batch_indices(20, 5, s, seed=1)[0] for s in range(4)])
-    assert sorted(first_epoch.tolist()) == list(range(20))  # an epoch visits each image once
-    assert train.batch_indices(20, 5, 4, seed=1)[1] == 1
-    assert torch.equal(train.batch_indices(20, 5, 6, seed=1)[0], train.batch_indices(20, 5, 6, seed=1)[0])
-
-
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path, stop):
-    """Ctrl-C, or SIGTERM (a job scheduler's stop) in one process, finishes the step, saves and exits:
-    status 0 for Ctrl-C, 1 with one line for SIGTERM."""
-    data = mixed_folder(tmp_path / "data")
-    common = ["--data", str(data), "--steps", "24", "--save-every", "1000", "--sample-every", "0",
-              "--log-every", "1", *TINY]
-    assert train.main(["--out", str(tmp_path / "full"), *common]) == 0
-    cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"), *common]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # interrupt once it is properly under way
-        log = tmp_path / "cut" / "log.csv"
-        if log.exists() and len(log.read_text().splitlines()) > 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(stop)
-    err = proc.communicate(timeout=120)[1]
-    if stop == signal.SIGINT:
-        assert proc.returncode == 0 and "interrupted: saved" in err, err
-    else:
-        assert proc.returncode == 1 and err.strip().splitlines()[-1].startswith("train.py: error: stopped by SIGTERM: "
-                                                                                "saved"), err
-    cut = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= cut < 24
-    assert train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"]) == 0
-    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
-    assert [r["step"] for r in resumed] == [str(s) for s in range(1, 25)]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # same batches, noise and updates
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
-    assert b["step"] == 24 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
-
-
-def test_one_run_at_a_time_on_a_folder_and_a_run_killed_before_its_first_save_starts_again(tmp_path, trained_run,
-                                                                                             capsys):
-    out = tmp_path / "r"
-    out.mkdir()
-    for name in ("config.json", "log.csv"):  # a run's files, and no checkpoint yet
-        shutil.copy(trained_run / name, out / name)
-    (out / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    assert train.main([*TINY, "--out", str(out), "--steps", "2", "--sample-every", "0"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"in use by another train.py (process {os.getpid()})" in err[0]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / ".lock").write_text(dead.stdout.strip())  # killed: its lock is stale, its files are ours
-    (out / ".ckpt.pt.123.tmp").write_bytes(b"half a checkpoint")
-    (out / "samples").mkdir()
-    cli.save_grid(torch.zeros(1, 3, 4, 4), out / "samples" / "step_000400.png")
-    assert train.main([*TINY, "--out", str(out), "--steps", "2", "--sample-every", "0"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "log.csv", "samples"]
-    assert not list((out / "samples").iterdir())  # the old run's grid went with it; no lock is left
-    (tmp_path / "users").mkdir()
-    (tmp_path / "users" / "config.json").write_text('{"model": "mine"}')  # not train.py's: never taken over
-    assert train.main([*TINY, "--out", str(tmp_path / "users"), "--steps", "2"]) == 1
-    assert (tmp_path / "users" / "config.json").read_text() == '{"model": "mine"}'
-
-
-def test_resume_says_when_config_json_was_edited_and_the_log_survives_a_full_disk(tmp_path, trained_run, monkeypatch,
-                                                                                  capsys):
-    shutil.copytree(trained_run, tmp_path / "r")
-    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg | {"lr": 0.5}))
-    assert train.main(["--resume", str(tmp_path / "r"), "--steps", "7"]) == 0
-    assert "config.json differs from the configuration saved in the checkpoint" in capsys.readouterr().err
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == cfg["lr"]  # the checkpoint's
-    log = tmp_path / "r" / "log.csv"
-    before, real = log.read_bytes(), os.write
-    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, data[:len(data) // 2]))  # a disk that fills up
-    with pytest.raises(OSError, match="No space left"):
-        cli.append_whole(log, b"8,0,0.5,1e-3,10.0\r\n")
-    monkeypatch.undo()
-    assert log.read_bytes() == before
-
-
-@pytest.mark.parametrize("case", ["inside", "huge", "lr", "one image", "black", "small", "unicode", "loop", "exif"])
-def test_unusual_data_and_settings_give_one_line_or_a_correct_run(tmp_path, capsys, case):
-    data = tmp_path / "data ünï 🎲" if case == "unicode" else tmp_path / "data"
-    data.mkdir()
-    size = 4 if case == "small" else 24
-    for i in range(1 if case == "one image" else 6):
-        pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels * (case != "black")).save(data / f"{i}.png")
-    if case == "loop":  # a symbolic link back to the folder itself: not followed
-        (data / "again").symlink_to(data, target_is_directory=True)
-    args = [*TINY, "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "3", "--sample-every", "0"]
-    if case == "inside":
-        assert train.main([*args[:-6], "--out", str(data / "run"), "--steps", "3", "--sample-every", "0"]) == 1
-        assert "is inside --data" in capsys.readouterr().err and not (data / "run").exists()
-    elif case == "huge":
-        assert train.main([*args, "--image-size", "200000"]) == 1
-        assert "the first feature map alone needs" in capsys.readouterr().err
-    elif case == "lr":
-        assert train.main([*args, "--lr", "1e10", "--steps", "30", "--grad-clip", "0"]) == 1
-        err = capsys.readouterr().err
-        assert "loss is nan" in err or "no longer finite" in err
-    elif case == "exif":  # a phone photo stored sideways with its orientation tag: trained upright
-        im = Image.fromarray(np.tile(np.arange(24, dtype=np.uint8)[None] * 10, (16, 1)))  # 24 wide, 16 high
-        exif = im.getexif()
-        exif[0x0112] = 6  # rotate 90 degrees clockwise to view
-        im.save(data / "side.jpg", exif=exif, quality=100)
-        upright = cli.fit_file(data / "side.jpg", 16, "L")[0]
-        steps = lambda axis: np.abs(np.diff(upright.astype(int), axis=axis)).sum()
-        assert steps(0) > 10 * steps(1)  # the gradient runs down the picture, as the camera saw it
-    else:
-        assert train.main(args) == 0  # one image, all black, smaller than --image-size, unicode, a loop: a run
-        assert (tmp_path / "out" / "ckpt.pt").is_file()
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real_loss, calls = ddpm.Diffusion.loss, []
-
-    def loss_that_breaks(self, *a, **kw):
-        calls.append(1)
-        value = real_loss(self, *a, **kw)
-        return value * float("nan") if len(calls) == 4 else value
-
-    monkeypatch.setattr(ddpm.Diffusion, "loss", loss_that_breaks)
-    code = train.main(["--out", str(tmp_path / "r"), "--steps", "10", "--save-every", "2", "--sample-every", "0",
-                       *TINY])
-    err = capsys.readouterr().err
-    assert code == 1 and "loss is nan at step 3" in err and "Traceback" not in err
-    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkeypatch, inception_weights, capsys):
-    base = ["--steps", "4", "--sample-every", "0", "--save-every", "4", "--fid-samples", "6", *TINY]
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "nowhere" / "pt_inception-x.pth").as_uri())
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    assert train.main(["--out", str(tmp_path / "a"), "--fid-every", "2", *base]) == 0  # two FID points, no weights
-    err = capsys.readouterr().err
-    assert err.count("note: FID skipped") == 1 and not (tmp_path / "a" / "fid.csv").exists()
-    real_load = fid.load_inception
-    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": real_load(inception_weights, device))
-    assert train.main(["--out", str(tmp_path / "b"), "--fid-every", "4", *base]) == 0
-    rows = (tmp_path / "b" / "fid.csv").read_text().split()
-    assert len(rows) == 1 and rows[0].startswith("4,") and float(rows[0][2:]) > 0
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--data", "/no/such/folder"], "no such folder"),
-    (["--data", "EMPTY"], "no images"),
-    (["--image-size", "30"], "not divisible by 4"),
-    (["--channel-mults", "1,x"], "comma-separated integers"),
-    (["--out", "EXISTING"], "holds a run already"),
-    (["--resume", "/no/such/run"], "no such checkpoint"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--log-every", "0"], "--log-every must be at least 1"),
-    (["--save-every", "0"], "--save-every must be at least 1"),
-    (["--sample-n", "0"], "--sample-n must be at least 1"),
-    (["--image-size", "0"], "--image-size must be at least 1"),
-    (["--T", "0"], "--T must be at least 1"),
-    (["--T", "-5"], "--T must be at least 1"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--steps", "-3"], "--steps must be at least 1"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--dropout", "nan"], "--dropout must be at least 0"),
-    (["--channel-mults", "0,0"], "every channel_mult must be at least 1"),
-    (["--beta-start", "0.05", "--beta-end", "0.01"], "0 < --beta-start < --beta-end < 1"),
-    (["--T", "300", "--schedule", "rescaled-linear", "--beta-end", "2"], "0 < --beta-start < --beta-end < 1"),
-    (["--attn-resolutions", "3"], "attention resolutions [3] are not among"),
-    (["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "--device"),
-    (["--process", "ve", "--sigma", "0.5"], "sigma must be a number above 1"),
-    (["--out", "FILE"], "a file, not a folder"),
-    (["--out", "USERS"], "not empty and is not a run of train.py"),
-    (["--min-snr", "-1"], "--min-snr must be a number >= 0"),
-    (["--process", "ve", "--prediction", "v"], "apply to --process ddpm"),
-    (["--num-heads", "5"], "num_heads must be at least 1 and divide"),
-    (["--norm-group-size", "5"], "norm_group_size must be at least 1 and divide"),
-    (["--norm-group-size", "-1"], "--norm-group-size must be at least 0"),
-])
-def test_train_bad_input_is_one_line(tmp_path, trained_run, capsys, argv, message):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "file").write_text("a file of the user's")
-    (tmp_path / "users").mkdir()
-    (tmp_path / "users" / "config.json").write_text("the user's own config")
-    places = {"EMPTY": tmp_path / "empty", "EXISTING": trained_run, "FILE": tmp_path / "file", "USERS": tmp_path / "users"}
-    argv = [str(places.get(a, a)) for a in argv]
-    if "--out" not in argv:
-        argv += ["--out", str(tmp_path / "r")]
-    assert train.main([*TINY, *argv]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train.py: error:") and message in err[-1], err
-    assert (tmp_path / "users" / "config.json").read_text() == "the user's own config"  # nothing of theirs lost
-    assert not (tmp_path / "r").exists() or "--data" in argv  # checked before the run folder is made
-
-
-def test_training_defaults_follow_the_preset_recipe_and_ho_et_al_stay_reachable():
-    config = lambda *argv: train.run_config(train.parse_args(list(argv)))
-    tiny = config("--preset", "tiny")
-    assert (tiny["lr"], tiny["prediction"], tiny["min_snr"], tiny["schedule"]) == (1e-3, "eps", 5.0, "linear")
-    ho = config("--preset", "tiny", "--lr", "2e-4", "--prediction", "eps", "--min-snr", "0", "--schedule", "linear")
-    assert (ho["lr"], ho["min_snr"], train.loss_options(ho)["min_snr"]) == (2e-4, 0.0, None)
-    faces = config("--preset", "faces64")
-    assert (faces["lr"], faces["prediction"], faces["min_snr"]) == (2e-4, "eps", 0.0)
-    assert config("--T", "300")["schedule"] == train.SCHEDULE_AT_OTHER_T
-    assert config("--T", "300", "--schedule", "linear")["schedule"] == "linear"  # the seeds' exact betas
-    assert config("--process", "ve")["min_snr"] == 0.0
-    # 0 asks for the old GroupNorm rule, which a model config spells None (as configs saved before it do)
-    assert config("--norm-group-size", "0")["model"]["norm_group_size"] is None
-    assert config("--norm-group-size", "8")["model"]["norm_group_size"] == 8
-    assert faces["model"].get("norm_group_size") is None
-
-
-def test_train_error_has_no_traceback_from_the_shell(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "missing")],
-                         cwd=tmp_path, capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr
-
-
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sample_writes_a_grid_and_matching_pngs(tmp_path, trained_run, sampler):
-    args = [str(trained_run), "--n", "5", "--sampler", sampler, "--steps", "10", "--batch-size", "2"]
-    assert sample.main([*args, "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "pngs")]) == 0
-    grid = np.asarray(Image.open(tmp_path / "g.png"))
-    pngs = sorted((tmp_path / "pngs").iterdir())
-    assert len(pngs) == 5 and grid.shape == (2 + 2 * 18, 2 + 3 * 18, 3)
-    for k, p in enumerate(pngs):  # each PNG is the grid's tile
-        y, x = 2 + (k // 3) * 18, 2 + (k % 3) * 18
-        assert np.array_equal(np.asarray(Image.open(p)), grid[y:y + 16, x:x + 16])
-    assert sample.main([*args, "--grid", str(tmp_path / "again.png")]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)  # same seed, same images
-
-
-def test_sample_uses_ema_unless_told(tmp_path, trained_run):
-    for name, extra in (("ema.png", []), ("raw.png", ["--no-ema"])):
-        assert sample.main([str(trained_run), "--n", "2", "--steps", "5", "--grid", str(tmp_path / name), *extra]) == 0
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "ema.png")), np.asarray(Image.open(tmp_path / "raw.png")))
-
-
-def test_sample_trajectory_forward_interpolate_and_invert(tmp_path, trained_run):
-    run = str(trained_run)
-    assert sample.main([run, "--n", "3", "--steps", "20", "--grid", str(tmp_path / "s.png"),
-                        "--trajectory", str(tmp_path / "t.png")]) == 0
-    strip, final = np.asarray(Image.open(tmp_path / "t.png")), np.asarray(Image.open(tmp_path / "s.png"))
-    assert strip.shape == (2 + 3 * 18, 2 + 10 * 18, 3)
-    for k in range(3):  # the last column is x_0, the sample itself
-        assert np.array_equal(strip[2 + k * 18:18 + k * 18, 2 + 9 * 18:18 + 9 * 18],
-                              final[2 + (k // 2) * 18:18 + (k // 2) * 18, 2 + (k % 2) * 18:18 + (k % 2) * 18])
-
-    img = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
-    assert sample.main([run, "--forward", str(img), "--grid", str(tmp_path / "f.png")]) == 0
-    f = np.asarray(Image.open(tmp_path / "f.png")).astype(float)
-    tiles = [f[2:18, 2 + k * 18:18 + k * 18] for k in range(11)]
-    src = np.asarray(Image.open(img)).astype(float)
-    assert np.array_equal(tiles[0], src)
-    # x_t at t = 0 is x_0 plus noise of std sqrt(1 - a-bar_0) (uint8 rounding adds variance 1/12)
-    cfg = torch.load(trained_run / "ckpt.pt", weights_only=True)["config"]
-    beta0 = 1 - ddpm.make_process(cfg).alphas_cumprod64[0].item()
-    assert np.std(tiles[1] - src) == pytest.approx(math.sqrt(127.5 ** 2 * beta0 + 1 / 12), rel=0.15)
-    diffs = [np.abs(t - src).mean() for t in tiles[1:]]
-    assert diffs == sorted(diffs) and diffs[-1] > 30  # ever further from the image
-
-    assert sample.main([run, "--interpolate", "--n", "6", "--steps", "10", "--grid", str(tmp_path / "i.png")]) == 0
-    assert np.asarray(Image.open(tmp_path / "i.png")).shape == (2 + 18, 2 + 6 * 18, 3)
-
-    img2 = tmp_path / "in2.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img2)
-    assert sample.main([run, "--invert", str(img), str(img2), "--steps", "20", "--grid", str(tmp_path / "v.png")]) == 0
-    v = np.asarray(Image.open(tmp_path / "v.png")).astype(int)
-    top, bottom = v[2:18], v[20:36]
-    for k in range(2):  # decoding each image's inversion gives the image back
-        assert np.abs(bottom[:, 2 + k * 18:18 + k * 18] - top[:, 2 + k * 18:18 + k * 18]).max() <= 2
-
-
-def test_sample_fid_in_memory_equals_fid_of_the_written_pngs(tmp_path, trained_run, inception_weights, inception,
-                                                             capsys):
-    ref = write_images(tmp_path / "ref", 4, seed=5, size=16)
-    assert sample.main([str(trained_run), "--n", "4", "--steps", "5", "--grid", str(tmp_path / "g.png"),
-                        "--out", str(tmp_path / "pngs"), "--fid", str(ref), "--fid-weights", str(inception_weights)]) == 0
-    in_memory = capsys.readouterr().out.strip()
-    feats = [fid.folder_activations(p, inception, quiet=True)[0] for p in (tmp_path / "pngs", ref)]
-    assert in_memory.startswith("FID: ") and float(in_memory[5:]) == pytest.approx(fid_from_features(*feats), abs=1e-3)
-
-
-class NotWeights:  # a pickled object a safe load must refuse
-    pass
-
-
-@pytest.mark.parametrize("case,says", [("missing", "no such checkpoint"), ("truncated", "not a torch checkpoint"),
-                                       ("random bytes", "not a torch checkpoint"),
-                                       ("python objects", "a safe load refuses"),
-                                       ("other architecture", "not a checkpoint of this version")])
-def test_sample_bad_checkpoint_is_one_line(tmp_path, trained_run, capsys, case, says):
-    path = tmp_path / "ckpt.pt"
-    if case == "truncated":
-        path.write_bytes((trained_run / "ckpt.pt").read_bytes()[:1000])
-    elif case == "random bytes":
-        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    elif case == "python objects":
-        torch.save({"config": NotWeights()}, path)
-    elif case == "other architecture":
-        ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
-        ckpt["config"]["model"]["base_channels"] = 32
-        torch.save(ckpt, path)
-    assert sample.main([str(path), "--n", "1"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert says in err[0] and "weights_only" not in err[0]  # the truth, and never the unsafe option
-    assert len(err) == 1 and err[0].startswith("sample.py: error:") and str(path) in err[0]
-
-
-@pytest.fixture(scope="module")
-def ve_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ve")
-    run = root / "run"
-    assert train.main(["--process", "ve", "--sigma", "10", "--data", str(mixed_folder(root / "data")), "--out", str(run),
-                       "--steps", "3", "--sample-every", "3", *TINY]) == 0
-    return run
-
-
-def test_a_ve_run_records_its_process_and_samples_with_every_sampler(tmp_path, ve_run, capsys):
-    ckpt, model, _, process = cli.load_checkpoint(ve_run)
-    assert isinstance(process, ddpm.VESDE) and process.sigma == 10 and ckpt["config"]["process"] == "ve"
-    assert model.config["time_scale"] == 1000.0  # t in (0, 1] reaches the embedding as 0..1000
-    for sampler in ("ddpm", "ddim", "dpm++", "em", "pc", "ode"):
-        assert sample.main([str(ve_run), "--sampler", sampler, "--steps", "4", "--rtol", "1e-2", "--atol", "1e-2",
-                            "--n", "2", "--grid", str(tmp_path / f"{sampler}.png")]) == 0
-        assert Image.open(tmp_path / f"{sampler}.png").size == (2 * 18 + 2, 18 + 2)
-    assert "model calls" in capsys.readouterr().err  # the ODE says what it cost
-    image = tmp_path / "sampled.png"
-    Image.open(tmp_path / "dpm++.png").crop((2, 2, 18, 18)).save(image)
-    assert sample.main([str(ve_run), "--invert", str(image), str(image), "--grid", str(tmp_path / "inv.png")]) == 0
-    capsys.readouterr()
-    for bad, says in ((["--vlb", "2"], "VE run"), (["--spacing", "trailing"], "VESDE run has time, lambda")):
-        assert sample.main([str(ve_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and says in err[0] and not (tmp_path / "no.png").exists()
-
-
-def test_sample_nll_is_bits_per_dim_of_dequantised_training_images_on_the_8_bit_scale(trained_run, capsys):
-    """x = (k + u) / 128 - 1 maps [0, 256) onto [-1, 1): densities differ by 128^D, so 8-bit bits/dim = ours + 7."""
-    assert sample.main([str(trained_run), "--nll", "3", "--rtol", "1e-3", "--atol", "1e-3", "--seed", "4"]) == 0
-    out = capsys.readouterr().out.strip()
-    value, se = float(out.split()[1]), float(out.split()[3])
-    ckpt, _, ema, process = cli.load_checkpoint(trained_run)
-    cfg = ckpt["config"]
-    data = cli.load_folder(cfg["data"], 16, 3)
-    k = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(4))[:3]].float()
-    g = torch.Generator().manual_seed(4)
-    u = torch.rand(k.shape, generator=g)
-    bpd = process.bits_per_dim(ema.model.eval(), (k + u) / 128 - 1, rtol=1e-3, atol=1e-3, generator=g) + 7
-    assert value == pytest.approx(bpd.mean().item(), abs=1e-4) and se == pytest.approx(bpd.std().item() / math.sqrt(3), abs=1e-4)
-
-
-def test_sample_vlb_prints_the_bound_of_training_images_and_its_terms(trained_run, capsys):
-    assert sample.main([str(trained_run), "--vlb", "3", "--seed", "2"]) == 0
-    out = capsys.readouterr().out.strip()
-    ckpt, _, ema, process = cli.load_checkpoint(trained_run)
-    data = cli.load_folder(ckpt["config"]["data"], 16, 3)
-    x0 = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(2))[:3]].float() / 127.5 - 1
-    terms = process.vlb_bits_per_dim(ema.model.eval(), x0, generator=torch.Generator().manual_seed(2))
-    assert out.startswith(f"VLB bits/dim: {terms['total'].mean().item():.4f} +- ")
-    assert f"prior {terms['prior'].mean().item():.4f}, kl {terms['kl'].mean().item():.4f}" in out
-
-
-@pytest.mark.parametrize("sampler,extra", [("dpm++", ["--order", "3"]), ("ddpm", ["--steps", "7"]),
-                                           ("ddim", ["--spacing", "logsnr"]), ("dpm++", ["--eta", "0"])])
-def test_sample_fast_samplers_from_the_command_line(tmp_path, trained_run, sampler, extra):
-    args = [str(trained_run), "--n", "3", "--sampler", sampler, *extra]
-    assert sample.main([*args, "--grid", str(tmp_path / "a.png")]) == 0
-    assert sample.main([*args, "--grid", str(tmp_path / "b.png")]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
-
-
-def test_the_default_sampler_is_sde_dpm_solver(tmp_path, trained_run):
-    """sample.py's default is DPM-Solver++(3M) with eta = 1 (the best FD per model call, docs/samplers.md)."""
-    pictures = {}
-    for name, extra in (("default", []), ("eta1", ["--sampler", "dpm++", "--eta", "1", "--order", "3"]),
-                        ("eta0", ["--eta", "0"]), ("2M", ["--order", "2"])):
-        assert sample.main([str(trained_run), "--n", "3", "--steps", "8", "--grid", str(tmp_path / f"{name}.png"),
-                            *extra]) == 0
-        pictures[name] = (tmp_path / f"{name}.png").read_bytes()
-    assert pictures["default"] == pictures["eta1"] != pictures["eta0"] != pictures["2M"] != pictures["default"]
-
-
-def test_a_v_prediction_run_is_sampled_through_its_eps_form(tmp_path):
-    run = tmp_path / "v"
-    assert train.main([*TINY, "--out", str(run), "--steps", "3", "--sample-every", "0", "--prediction", "v",
-                       "--min-snr", "5", "--num-heads", "2"]) == 0
-    ckpt, model, ema, d = cli.load_checkpoint(run)
-    cfg = ckpt["config"]
-    assert (cfg["prediction"], cfg["min_snr"], cfg["model"]["num_heads"]) == ("v", 5.0, 2)
-    net = ddpm.sampling_model(ema.model, d, cfg)
-    assert isinstance(net, ddpm.EpsFromV) and net.model is ema.model
-    assert ddpm.sampling_model(ema.model, d, dict(cfg, prediction="eps")) is ema.model
-    assert sample.main([str(run), "--n", "2", "--steps", "3", "--grid", str(tmp_path / "g.png")]) == 0
-
-
-def test_sample_nearest_finds_copies_of_training_images(tmp_path, trained_run, monkeypatch, capsys, inception_weights):
-    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
-    images = cli.load_folder(ckpt["config"]["data"], 16, 3)
-    grid = tmp_path / "near.png"
-    monkeypatch.setattr(fid, "weights_cache_path", lambda: tmp_path / "no-weights.pth")  # pixels, no download
-    assert sample.main([str(trained_run), "--n", "3", "--steps", "3", "--nearest", "2", "--nearest-grid", str(grid),
-                        "--grid", str(tmp_path / "g.png")]) == 0
-    out = capsys.readouterr().out
-    assert "of 3 samples" in out and "pixels" in out
-    assert np.asarray(Image.open(grid)).shape == (2 + 3 * 18, 2 + 3 * 18, 3)  # a row each: sample, 2 neighbours
-
-    copies = images[[4, 0, 6]]  # a model that copies its training set: every sample sits on a training image
-    monkeypatch.setattr(sample, "generate", lambda args, d, net, cfg, n, procs, each, *a, **k:
-                        each(0, copies.float() / 127.5 - 1))
-    assert sample.main([str(trained_run), "--n", "3", "--nearest", "1", "--nearest-grid", str(grid),
-                        "--grid", str(tmp_path / "g.png"), "--fid-weights", str(inception_weights)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("nearest: 100.0% of 3 samples") and "Inception features" in out
-    tiles = np.asarray(Image.open(grid))
-    for row in range(3):  # the nearest training image is the copy itself
-        y = 2 + row * 18
-        assert np.array_equal(tiles[y:y + 16, 2:18], tiles[y:y + 16, 20:36])
-    assert sample.main([str(trained_run), "--nearest", "50"]) == 1
-
-
-def test_every_file_is_written_atomically_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
-    grid = tmp_path / "samples.png"
-    cli.save_grid(torch.zeros(4, 3, 8, 8), grid)
-    before = grid.read_bytes()
-
-    def full_disk(self, fp, format=None, **kw):  # writes half a file, then fails as a full disk does
-        Path(fp).write_bytes(b"\x89PNG half")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Image.Image, "save", full_disk)
-    with pytest.raises(OSError):
-        cli.save_grid(torch.ones(4, 3, 8, 8), grid)
-    assert grid.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["samples.png"]
-    monkeypatch.undo()
-    fid.save_stats(tmp_path / "stats", np.ones(2), np.eye(2))  # the exact name: numpy would write stats.npz
-    assert (tmp_path / "stats").is_file() and not (tmp_path / "stats.npz").exists()
-    assert np.array_equal(fid.load_stats(tmp_path / "stats")[1], np.eye(2))
-
-
-def test_sample_refuses_a_picture_it_cannot_write_before_sampling(tmp_path, trained_run, monkeypatch, capsys):
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --grid"))
-    for bad in (["--grid", str(tmp_path / "out.xyz")], ["--trajectory", str(tmp_path / "t")]):
-        assert sample.main([str(trained_run), "--n", "2", *bad]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "cannot write images with the extension" in err[0]
-
-
-def test_a_presets_attention_missing_at_this_size_is_dropped_with_a_note(capsys):
-    cfg = train.run_config(train.parse_args(["--image-size", "28"]))["model"]
-    assert cfg["attn_resolutions"] == [] and "attention at [8] does not exist at 28 px" in capsys.readouterr().err
-    assert train.run_config(train.parse_args([]))["model"]["attn_resolutions"] == [8]
-    with pytest.raises(ValueError, match="not among"):
-        train.run_config(train.parse_args(["--image-size", "28", "--attn-resolutions", "8"]))
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--eta", "nan"], "--eta must be a number >= 0"), (["--mix", "nan"], "--mix must be a number"),
-    (["--snr", "0"], "--snr must be a number > 0"), (["--rtol", "-1"], "--rtol must be a number > 0"),
-    (["--steps", "0"], "--steps must be at least 1"), (["--n", "0"], "--num-samples must be at least 1"),
-])
-def test_sample_bad_numbers_are_one_line_before_sampling(tmp_path, trained_run, monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled with a bad number"))
-    assert sample.main([str(trained_run), *argv, "--grid", str(tmp_path / "g.png")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and not (tmp_path / "g.png").exists()
-
-
-# ----------------------------------------------------------------------------------------------
-# class-conditional runs, editing and where the pictures go
-
-
-@pytest.fixture(scope="module")
-def cond_run(tmp_path_factory):
-    """A grey class-conditional run on the demo shapes (classes circle, square, triangle)."""
-    run = tmp_path_factory.mktemp("cond") / "run"
-    assert train.main([*TINY, "--class-cond", "--channels", "1", "--out", str(run), "--steps", "3",
-                       "--sample-every", "3", "--sample-n", "6"]) == 0
-    return run
-
-
-def test_labels_come_from_class_folders_and_idx_files(tmp_path, capsys):
-    for rel in ("b/1.png", "a/deep/2.png", "a/3.png", "c/x.png"):  # nested folders belong to their top-level class
-        (tmp_path / "set" / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8), int(rel[-5]) * 40 if rel[-5].isdigit() else 0, np.uint8)).save(tmp_path / "set" / rel)
-    (tmp_path / "set" / "c" / "x.png").write_bytes(b"not a png")  # skipped: c has no readable image left
-    data = cli.load_images(tmp_path / "set", 8, 1, labelled=True)
-    assert data.classes == ["a", "b", "c"] == cli.find_classes(tmp_path / "set")
-    assert data.labels.tolist() == [0, 0, 1]  # a/3.png, a/deep/2.png, b/1.png in sorted order
-    assert data.images[:, 0, 0, 0].tolist() == [120, 80, 40]
-    images, labels = np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2), np.array([7, 3, 7, 9, 3], np.uint8)
-    (tmp_path / "idx").mkdir()
-    with gzip.open(tmp_path / "idx" / "t-images-idx3-ubyte.gz", "wb") as f:
-        f.write(bytes([0, 0, 8, 3]) + np.array([5, 2, 2], ">i4").tobytes() + images.tobytes())
-    with gzip.open(tmp_path / "idx" / "t-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(bytes([0, 0, 8, 1]) + np.array([5], ">i4").tobytes() + labels.tobytes())
-    data = cli.load_images(tmp_path / "idx", 2, 1, labelled=True)
-    assert data.classes == ["3", "7", "9"] and data.labels.tolist() == [1, 0, 1, 2, 0]
-    assert torch.equal(data.images[:, 0], torch.from_numpy(images))
-    (tmp_path / "set" / "loose.png").write_bytes((tmp_path / "set" / "b" / "1.png").read_bytes())
-    for folder, says in ((tmp_path / "set", "loose.png lies in the folder itself"),):
-        with pytest.raises(cli.UserError, match=says):
-            cli.find_classes(folder)
-    (tmp_path / "idx" / "t-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(cli.UserError, match="no labels file t-labels-idx1-ubyte.gz"):
-        cli.load_images(tmp_path / "idx", 2, 1, labelled=True)
-
-
-def test_a_class_conditional_run_sees_its_labels_or_the_null_class(tmp_path, monkeypatch, capsys):
-    """Every label the network is given in training is the batch's own, or the null class, about p of them."""
-    seen, real = [], ddpm.UNet.forward
-    monkeypatch.setattr(ddpm.UNet, "forward", lambda self, x, t, y=None: seen.append(y.clone()) or real(self, x, t, y))
-    args = [*TINY, "--class-cond", "--out", str(tmp_path / "r"), "--steps", "40", "--batch-size", "16",
-            "--sample-every", "0", "--label-dropout", "0.25"]
-    assert train.main(args) == 0
-    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    truth = cli.demo_images(size=16, seed=0).labels
-    assert cfg["classes"] == cli.DEMO_CLASSES and cfg["class_counts"] == torch.bincount(truth).tolist()
-    assert cfg["model"]["num_classes"] == 3 and f"classes: circle {cfg['class_counts'][0]}" in capsys.readouterr().err
-    dropped = 0
-    for step, y in enumerate(seen):
-        batch = truth[train.batch_indices(len(truth), 16, step, 0)[0]]
-        assert ((y == batch) | (y == 3)).all()  # its own label, or the null class: never another's
-        dropped += (y == 3).sum().item()
-    assert abs(dropped / (40 * 16) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 640)
-
-
-def test_sample_classes_rows_and_folders(tmp_path, cond_run):
-    out = tmp_path / "all"
-    assert sample.main([str(cond_run), "--class", "all", "--n", "6", "--steps", "3", "--out", str(out)]) == 0
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
-        "circle/000000.png", "circle/000001.png", "square/000002.png", "square/000003.png", "triangle/000004.png",
-        "triangle/000005.png"]  # classes in equal blocks, in order
-    assert Image.open(cond_run / "samples.png").size == (2 * 18 + 2, 3 * 18 + 2)  # one row per class, two columns
-    assert not (out / "samples.png").exists()  # --out holds the samples alone, ready for FID
-    assert sample.main([str(cond_run), "--class", "square,2", "--n", "4", "--steps", "3", "--out", str(tmp_path / "two"),
-                        "--guidance", "2"]) == 0
-    assert sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("0*.png")) == [
-        "square/000000.png", "square/000001.png", "triangle/000002.png", "triangle/000003.png"]
-    assert sample.main([str(cond_run), "--n", "30", "--steps", "2", "--out", str(tmp_path / "freq")]) == 0
-    counts = [len(list((tmp_path / "freq" / c).glob("*.png"))) for c in cli.DEMO_CLASSES]
-    expected = cli.frequency_labels(json.loads((cond_run / "config.json").read_text())["class_counts"], 30, 0)
-    assert counts == torch.bincount(expected, minlength=3).tolist() and sum(counts) == 30
-
-
-@pytest.mark.parametrize("run,argv,message", [
-    ("cond", ["--class", "7"], "--class 7: not a class of this run (3 classes: circle, square, triangle)"),
-    ("cond", ["--class", "hexagon"], "--class hexagon: not a class of this run"),
-    ("plain", ["--class", "1"], "is not class-conditional"),
-    ("plain", ["--guidance", "2"], "is not class-conditional"),
-    ("cond", ["--guidance", "nan"], "--guidance must be a number >= 0"),
-    ("cond", ["--invert", "a.png", "b.png", "--class", "0,1"], "takes one class"),
-])
-def test_bad_class_arguments_are_one_line_before_sampling(tmp_path, trained_run, cond_run, monkeypatch, capsys, run,
-                                                          argv, message):
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled with a bad label"))
-    path = cond_run if run == "cond" else trained_run
-    assert sample.main([str(path), *argv, "--grid", str(tmp_path / "g.png")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and not (tmp_path / "g.png").exists()
-
-
-def test_sdedit_at_strength_0_is_the_input_and_at_1_plain_sampling(tmp_path, trained_run):
-    image = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
-    assert sample.main([str(trained_run), "--edit", str(image), "--strength", "0,0.5,1", "--n", "2", "--steps", "4",
-                        "--out", str(tmp_path / "e")]) == 0
-    assert sample.main([str(trained_run), "--n", "2", "--steps", "4", "--out", str(tmp_path / "plain")]) == 0
-    read = lambda p: np.asarray(Image.open(p))
-    assert np.array_equal(read(tmp_path / "e" / "in_s0_1.png"), read(image))
-    for k in range(2):
-        assert np.array_equal(read(tmp_path / "e" / f"in_s1_{k}.png"), read(tmp_path / "plain" / f"{k:06d}.png"))
-    assert not np.array_equal(read(tmp_path / "e" / "in_s0.5_0.png"), read(image))
-    assert Image.open(trained_run / "edit.png").size == ((1 + 3 * 2) * 18 + 2, 18 + 2)  # input, 3 strengths x 2
-
-
-def test_inpainting_from_the_command_line_keeps_the_known_half(tmp_path, cond_run):
-    g = np.random.default_rng(1)
-    for rel in ("square/a.png", "b.png"):
-        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "in" / rel)
-    results = {}
-    for extra in ([], ["--recon-guidance", "0"], [f"--recon-guidance={sample.RECON_GUIDANCE}"],
-                  ["--sampler", "ddpm", "--steps", "12", "--resample", "3", "--jump", "4", "--class", "square"],
-                  ["--recon-guidance", "5", "--class", "square"]):
-        out = tmp_path / f"out{len(results)}"
-        assert sample.main([str(cond_run), "--inpaint", str(tmp_path / "in"), "--mask", "lower-half", "--n", "2",
-                            "--steps", "4", "--out", str(out), *extra]) == 0
-        for rel in ("square/a", "b"):
-            source = np.asarray(Image.open(tmp_path / "in" / f"{rel}.png"))
-            for k in range(2):
-                result = np.asarray(Image.open(out / f"{rel}_{k}.png"))
-                assert np.array_equal(result[:8], source[:8]) and not np.array_equal(result[8:], source[8:])
-                results.setdefault(" ".join(extra), []).append(result)
-        assert Image.open(cond_run / "inpaint.png").size == (4 * 18 + 2, 2 * 18 + 2)  # input, masked input, 2 results
-    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(results[a], results[b]))
-    assert same("", f"--recon-guidance={sample.RECON_GUIDANCE}") and not same("", "--recon-guidance 0")  # the default
-
-
-def test_masks_and_images_of_every_mode_and_size_load_or_fail_with_one_line(tmp_path, cond_run, trained_run,
-                                                                            monkeypatch, capsys):
-    grey = np.random.default_rng(2).integers(0, 256, (32, 24), dtype=np.uint8)
-    (tmp_path / "in").mkdir()
-    Image.fromarray(grey).convert("P").save(tmp_path / "in" / "palette.png")
-    Image.fromarray(grey).convert("RGBA").save(tmp_path / "in" / "rgba.png")
-    Image.fromarray(grey).convert("CMYK").save(tmp_path / "in" / "cmyk.jpg", quality=100)
-    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "in" / "deep.png")
-    exif = Image.fromarray(grey).convert("RGB").getexif()
-    Image.fromarray(grey).convert("RGB").save(tmp_path / "in" / "exif.jpg", exif=exif)
-    x, names, sizes = cli.read_edit_images(tmp_path / "in", 16, 1)
-    assert x.shape == (5, 1, 16, 16) and names == ["cmyk", "deep", "exif", "palette", "rgba"] and sizes[0] == (24, 32)
-    assert (x[1] - x[3]).abs().max() <= 2 / 255  # 16 bits read with their real range, not clipped to white
-    (tmp_path / "masks").mkdir()
-    for name in names:  # masks of another size but the same shape: fitted as the images are
-        Image.fromarray(np.repeat(np.repeat((np.arange(32)[:, None] >= 16).repeat(24, 1), 2, 0), 2, 1).astype(np.uint8) * 255
-                        ).save(tmp_path / "masks" / f"{name}.png")
-    masks = cli.read_masks(str(tmp_path / "masks"), tmp_path / "in", names, sizes, 16)
-    assert masks.shape == (5, 1, 16, 16) and masks[:, :, 8:].all() and not masks[:, :, :8].any()
-    Image.fromarray(np.zeros((32, 24), np.uint8)).save(tmp_path / "black.png")
-    Image.fromarray(np.full((32, 24), 255, np.uint8)).save(tmp_path / "white.png")
-    Image.fromarray(np.full((10, 40), 255, np.uint8)).save(tmp_path / "wide.png")
-    Image.fromarray(np.stack([grey, grey // 2, grey], 2)).save(tmp_path / "colour.png")
-    (tmp_path / "some").mkdir()
-    (tmp_path / "some" / "rgba.png").write_bytes((tmp_path / "masks" / "rgba.png").read_bytes())
-    monkeypatch.setattr(sample, "edit_batch", lambda *a, **k: pytest.fail("sampled with a bad input"))
-    inp = ["--inpaint", str(tmp_path / "in")]
-    for argv, says in (([*inp, "--mask", str(tmp_path / "black.png")], "all black: nothing to fill in"),
-                       ([*inp, "--mask", str(tmp_path / "white.png")], "all white: nothing is kept"),
-                       ([*inp, "--mask", str(tmp_path / "wide.png")], "does not fit the image"),
-                       ([*inp, "--mask", str(tmp_path / "some")], "no mask for cmyk"),
-                       ([*inp, "--mask", "middle"], "not one of lower-half"),
-                       (["--mask", "center"], "--mask goes with --inpaint"), (inp, "--inpaint needs --mask"),
-                       (["--inpaint", str(tmp_path / "colour.png"), "--mask", "center"], "a colour image"),
-                       ([*inp, "--mask", "center", "--resample", "2"], "--sampler ddpm"),
-                       ([*inp, "--mask", "center", "--sampler", "ode"], "not the adaptive ode"),
-                       ([*inp, "--mask", "center", "--recon-guidance", "-1"], "--recon-guidance must be a number >= 0"),
-                       (["--recon-guidance", "2"], "--recon-guidance guides inpainting"),
-                       (["--edit", str(tmp_path / "in"), "--strength", "1.5"], "--strength takes numbers in [0, 1]"),
-                       ([*inp, "--mask", "center", "--edit", str(tmp_path / "in")], "one at a time")):
-        assert sample.main([str(cond_run), *argv, "--grid", str(tmp_path / "g.png")]) == 1, argv
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and says in err[0] and "Traceback" not in err[0], (argv, err)
-    assert not (tmp_path / "g.png").exists()
-
-
-def test_pictures_go_to_the_run_folder_and_never_over_a_users_file(tmp_path, trained_run, monkeypatch, capsys):
-    assert sample.main([str(trained_run), "--n", "2", "--steps", "2"]) == 0
-    assert cli.written_by_us(trained_run / "samples.png")
-    assert sample.main([str(trained_run / "ckpt.pt"), "--n", "2", "--steps", "2"]) == 0  # ours: written again
-    capsys.readouterr()
-    theirs = tmp_path / "photo.png"
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(theirs)
-    (tmp_path / "users").mkdir()
-    (tmp_path / "users" / "notes.txt").write_text("the user's")
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
-    for argv, says in ((["--grid", str(theirs)], "was not written by this toolkit"),
-                       (["--out", str(tmp_path / "users")], "holds files that this toolkit did not write"),
-                       (["--out", str(theirs)], "a file, not a folder")):
-        assert sample.main([str(trained_run), "--n", "2", *argv]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and says in err[0]
-    assert np.array_equal(np.asarray(Image.open(theirs)), np.zeros((4, 4), np.uint8))
-
-
-def test_imports_point_one_way():
-    """ddpm.py imports no project file; cli.py only ddpm.py; fid.py only cli.py; the commands only those three."""
-    allowed = {"ddpm": set(), "cli": {"ddpm"}, "fid": {"cli"}, "train": {"ddpm", "cli", "fid"},
-               "sample": {"ddpm", "cli", "fid"}, "bench": {"ddpm", "cli", "fid"}}
-    for name, ok in allowed.items():
-        tree = ast.parse((ROOT / f"{name}.py").read_text())
-        found = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-        found |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        assert found & set(allowed) == ok, (name, found & set(allowed))
-
-
-def test_an_old_configuration_resumes_with_its_settings_legacy_values(tmp_path, trained_run):
-    shutil.copytree(trained_run, tmp_path / "old")
-    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
-    for key in ("prediction", "min_snr", "grad_accum", "channels_last", "process", "class_cond", "label_dropout",
-                "sample_guidance"):
-        ckpt["config"].pop(key, None)
-    ckpt["config"]["model"].pop("num_classes", None)
-    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
-    assert train.main(["--resume", str(tmp_path / "old"), "--steps", "7"]) == 0
-    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
-    assert {k: cfg[k] for k in train.LEGACY} == train.LEGACY and train.LEGACY["process"] == "ddpm"
-    model, process, _ = ddpm.load(tmp_path / "old" / "ckpt.pt")
-    assert isinstance(process, ddpm.Diffusion) and model.label_emb is None
-
-
-def test_fid_never_prints_nan_as_a_result(tmp_path, capsys):
-    fid.save_stats(tmp_path / "a.npz", np.ones(3), np.eye(3))
-    fid.save_stats(tmp_path / "nan.npz", np.array([1.0, np.nan, 0.0]), np.eye(3))
-    assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "nan.npz")]) == 1
-    out = capsys.readouterr()
-    assert out.out == "" and "NaN or inf" in out.err
-    assert fid.main(["--isc", str(tmp_path), "--splits", "0"]) == 1
-    assert "--splits" in capsys.readouterr().err
-
-
-def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ddpm.Diffusion, "loss", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    assert train.main([*TINY, "--out", str(tmp_path / "r"), "--steps", "5"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "loss is nan at step 0" in err and "no checkpoint had been saved yet" in err
-
-
-def test_16_bit_and_float_images_are_read_with_their_real_range(tmp_path):
-    values = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369  # 0 .. 65535 in 16 steps
-    Image.fromarray(values).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode == "I;16"
-    expected = np.round(values / 257).astype(np.uint8)  # 0, 17, 34, ... 255: not saturated to white
-    assert np.array_equal(cli.read_image(tmp_path / "g16.png", "L")[0].numpy(), expected)
-    assert np.array_equal(cli.fit_file(tmp_path / "g16.png", 4, "L")[0], expected)
-    Image.fromarray((values / 65535).astype(np.float32)).save(tmp_path / "f.tiff")
-    assert np.array_equal(cli.read_image(tmp_path / "f.tiff", "L")[0].numpy(), expected)
-
-
-def test_resume_from_elsewhere_through_ckpt_pt_names_what_it_ignores(tmp_path, monkeypatch, capsys):
-    mixed_folder(tmp_path / "data")
-    monkeypatch.chdir(tmp_path)  # a relative --data, stored as an absolute path
-    assert train.main(["--data", "data", "--out", "run", "--steps", "3", "--sample-every", "0", *TINY]) == 0
-    assert "python sample.py run" in capsys.readouterr().err  # done: says what to do next
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "data")
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    assert train.main(["--resume", str(tmp_path / "run" / "ckpt.pt"), "--steps", "5", "--lr", "0.5"]) == 0
-    err = capsys.readouterr().err
-    assert "note: --lr ignored" in err and "--steps" not in err.split("note:")[1].split("ignored")[0]
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 5 and ckpt["config"]["lr"] != 0.5
-
-
-def test_a_damaged_idx_file_is_one_line(tmp_path, capsys):
-    header = b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-    payload = header + np.random.default_rng(0).integers(0, 256, 5 * 28 * 28, dtype=np.uint8).tobytes()
-    for name, damaged in (("short", gzip.compress(header + b"\x00" * 100)), ("cut", gzip.compress(payload)[:-300])):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "t10k-images-idx3-ubyte.gz").write_bytes(damaged)
-        assert train.main([*TINY, "--data", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert "not a readable IDX file" in err[-1] and err[-1].startswith("train.py: error:"), err
-
-
-def test_an_image_too_large_to_decode_is_called_too_large(tmp_path, monkeypatch, capsys):
-    write_images(tmp_path / "d", 3, seed=0, size=8)
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "d" / "huge.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40 x 40 > 2 x 500: Pillow refuses it as a bomb
-    assert cli.read_image(tmp_path / "d" / "huge.png") == cli.TOO_LARGE
-    data = cli.load_folder(tmp_path / "d", 8, 3)
-    assert len(data) == 3 and "1 too large (over Pillow's limit of 1,000 pixels)" in capsys.readouterr().err
-
-
-def test_first_grid_comes_early_and_save_stats_needs_its_folder_first(tmp_path, inception_weights, capsys,
-                                                                      monkeypatch):
-    assert train.FIRST_GRID < train.parse_args([]).sample_every
-    run = tmp_path / "run"
-    first = 3  # the rule at the step it names, here early enough for a test
-    monkeypatch.setattr(train, "FIRST_GRID", first)
-    assert train.main([*TINY, "--out", str(run), "--steps", str(first + 1), "--sample-every", "1000",
-                       "--save-every", "1000"]) == 0
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_{first:06d}.png", f"step_{first + 1:06d}.png"]
-    write_images(tmp_path / "a", 3, seed=0)
-    assert fid.main(["--save-stats", str(tmp_path / "a"), str(tmp_path / "missing" / "a.npz"),
-                     "--weights", str(tmp_path / "not-loaded.pth")]) == 1  # refused before the network loads
-    assert "its folder does not exist" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_cuda_device_on_a_machine_without_one_is_one_line_for_every_command(tmp_path, trained_run, capsys):
-    write_images(tmp_path / "a", 2, seed=0)
-    for main, argv in ((train.main, [*TINY, "--out", str(tmp_path / "r")]), (sample.main, [str(trained_run)]),
-                       (fid.main, [str(tmp_path / "a"), str(tmp_path / "a")])):
-        assert main([*argv, "--device", "cuda"]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "no CUDA device" in err[0]
-
-# ----------------------------------------------------------------------------------------------
-# torchrun: several processes (gloo on CPU) give the results of one
-
-
-
-def one_thread_env(**extra):
-    """The environment with one thread per process, as torchrun's processes get: a one-process run
-    compared with them bit for bit needs it too, as the thread count changes the order of float sums."""
-    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
-
-
-def torchrun(nproc, script, *argv, env=None, wait=True):
-    """`torchrun --nproc_per_node nproc --standalone script argv` (as python -m torch.distributed.run)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           str(ROOT / script), *map(str, argv)]
-    environ = one_thread_env(**(env or {}))
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def weights_of(run):
-    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    return ckpt["model"], ckpt["ema"]["model"], ckpt
-
-
-def assert_same_run(a, b):
-    """Log losses to relative 1e-5 and weights and EMA to 1e-5 (they are O(1e-3..1)), as the issue asks;
-    and Adam's first moments to 1e-4 of their size, which, unlike the weights, show a gradient off by
-    any factor (Adam's steps and the clipped norm do not)."""
-    la, lb = read_log(a), read_log(b)
-    assert [r["step"] for r in la] == [r["step"] for r in lb]
-    for ra, rb in zip(la, lb):
-        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
-    (ma, ea, ca), (mb, eb, cb) = weights_of(a), weights_of(b)
-    for wa, wb in ((ma, mb), (ea, eb)):
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        m = sa["exp_avg"].abs().max().item()
-        assert (sa["exp_avg"] - sb["exp_avg"]).abs().max().item() <= 1e-4 * m + 1e-12
-
-
-DIST = ["--steps", "6", "--batch-size", "8", "--log-every", "1", "--save-every", "3", "--sample-every", "0",
-        "--preset", "tiny", "--image-size", "16", "--T", "50", "--workers", "0", "--warmup", "2",
-        "--class-cond"]  # the demo shapes' kinds as labels: they travel with their images through the sharding
-
-
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("dist") / "one"
-    assert train.main([*DIST, "--out", str(run)]) == 0
-    return run
-
-
-def test_two_processes_train_as_one_and_say_so(tmp_path, one_process_run):
-    """Same global batch on 2 processes, and with --grad-accum 2 on top: the losses and weights of 1."""
-    out = torchrun(2, "train.py", *DIST, "--out", tmp_path / "two", "--grad-accum", "2")
-    assert "2 processes x 4 (2 micro-batches of 2)" in out.stderr and "| 2 processes |" in out.stderr
-    assert_same_run(one_process_run, tmp_path / "two")
-    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert (cfg["world_size"], cfg["grad_accum"]) == (2, 2)
-    assert weights_of(tmp_path / "two")[2]["config"]["world_size"] == 2
-
-
-def test_grad_accum_on_one_process_equals_the_whole_batch(tmp_path, one_process_run):
-    assert train.main([*DIST, "--out", str(tmp_path / "acc"), "--grad-accum", "4"]) == 0
-    assert_same_run(one_process_run, tmp_path / "acc")
-
-
-def test_a_two_process_run_resumes_in_one(tmp_path, one_process_run):
-    torchrun(2, "train.py", *DIST, "--out", tmp_path / "r", "--steps", "3")
-    assert train.main(["--resume", str(tmp_path / "r"), "--steps", "6"]) == 0
-    assert_same_run(one_process_run, tmp_path / "r")
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["world_size"] == 1
-
-
-def test_a_batch_that_does_not_split_is_one_line(tmp_path, capsys):
-    assert train.main([*DIST, "--out", str(tmp_path / "x"), "--grad-accum", "3"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--batch-size 8 is the global batch: it does not split evenly" in err[0]
-    assert not (tmp_path / "x").exists()
-
-
-def test_two_processes_write_the_same_samples_and_fid_as_one(tmp_path, one_process_run, inception_weights):
-    common = [one_process_run, "--num-samples", "5", "--batch-size", "2", "--sampler", "ddpm", "--steps", "4",
-              "--fid", tmp_path / "ref", "--fid-weights", inception_weights]
-    write_images(tmp_path / "ref", 4, seed=1)
-    one = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, common), "--out", str(tmp_path / "a"),
-                          "--grid", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=ROOT,
-                         env=one_thread_env())
-    assert one.returncode == 0, one.stderr
-    two = torchrun(2, "sample.py", *common, "--out", tmp_path / "b", "--grid", tmp_path / "b.png")
-    files = lambda folder: sorted((str(p.relative_to(folder)) for p in folder.rglob("*.png")), key=lambda n: n[-10:])
-    names = files(tmp_path / "a")  # in one folder per class: the labels are functions of (seed, index) as well
-    assert [n[-10:] for n in names] == [f"{i:06d}.png" for i in range(5)] and names == files(tmp_path / "b")
-    assert {n.split("/")[0] for n in names} <= set(cli.DEMO_CLASSES)
-    for name in [*names]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    fid_line = lambda out: [line for line in out.splitlines() if line.startswith("FID:")]
-    assert fid_line(one.stdout) == fid_line(two.stdout) and len(fid_line(two.stdout)) == 1
-
-
-def test_fid_py_on_two_processes_equals_one(tmp_path, inception_weights):
-    write_images(tmp_path / "x", 5, seed=2)
-    write_images(tmp_path / "y", 4, seed=3, bright=60)
-    args = [tmp_path / "x", tmp_path / "y", "--weights", inception_weights, "--kid", "--kid-subset-size", "3"]
-    one = subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True, text=True,
-                         env=one_thread_env())
-    two = torchrun(2, "fid.py", *args)
-    assert one.returncode == 0 and one.stdout.startswith("FID:") and two.stdout == one.stdout
-
-
-def test_every_option_passes_through_torchrun():
-    """torchrun's own parser must hand every option of the three scripts to the script: --n would be
-    taken as an abbreviation of torchrun's --nnodes / --nproc-per-node, hence --num-samples."""
-    from torch.distributed.run import get_args_parser
-    for script, call in (("train.py", lambda: train.parse_args([])), ("sample.py", lambda: sample.parse_args([])),
-                         ("fid.py", lambda: fid.main([]))):
-        p = parser_of(call)
-        options = [o for a in p._actions for o in a.option_strings if o.startswith("--") and o not in ("--help", "--n")]
-        for option in options:
-            got = get_args_parser().parse_args(["--nproc-per-node", "2", script, option, "1"])
-            assert got.training_script_args == [option, "1"], (script, option)
-    with pytest.raises(SystemExit):  # why --num-samples exists
-        get_args_parser().parse_args(["--nproc-per-node", "2", "sample.py", "--n", "5"])
-
-
-def parser_of(call):
-    """The ArgumentParser that call() builds and parses with (captured before it parses)."""
-    import argparse
-    captured, real = {}, argparse.ArgumentParser.parse_args
-
-    def capture(self, *a, **kw):
-        captured["p"] = self
-        raise SystemExit
-    argparse.ArgumentParser.parse_args = capture
-    try:
-        call()
-    except SystemExit:
-        pass
-    finally:
-        argparse.ArgumentParser.parse_args = real
-    return captured["p"]
-
-
-def child_with_rank(parent, rank):
-    """The pid of the torchrun worker with RANK=rank under parent (read from /proc)."""
-    for _ in range(600):
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                environ = (stat.parent / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(fields[1]) in parent and f"RANK={rank}".encode() in environ:
-                return int(stat.parent.name)
-        time.sleep(0.1)
-    raise AssertionError("no worker found")
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
-def test_a_killed_rank_ends_every_process_with_one_line_and_the_checkpoint_loads(tmp_path):
-    run = tmp_path / "k"
-    proc = torchrun(2, "train.py", *DIST, "--out", run, "--steps", "100000", "--save-every", "2", wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "ckpt.pt").exists():
-        time.sleep(0.1)
-    agents = {proc.pid}
-    victim = child_with_rank(agents, 1)
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    ours = [line for line in err.splitlines() if line.startswith("train.py (rank")]
-    assert len(ours) == 1 and ours[0].startswith("train.py (rank 0): error:"), err[-3000:]
-    ckpt, model, ema, _ = cli.load_checkpoint(run)
-    assert ckpt["step"] >= 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
