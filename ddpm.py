@@ -1266,12 +1266,22 @@ def load(checkpoint, ema=True, device="cpu"):
         model, process, cfg = ddpm.load("runs/x/ckpt.pt")
         x = process.dpm_solver_sample(model, (16, cfg["model"]["in_channels"], 32, 32))
 
-    weights_only=True: loading never runs code from the file."""
-    ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
-                                                                       weights_only=True)
-    cfg = ckpt["config"]
-    model = UNet(**cfg["model"])
-    model.load_state_dict(ckpt["ema"]["model"] if ema else ckpt["model"])
+    weights_only=True: loading never runs code from the file. A file that is not such a checkpoint (damaged,
+    foreign, or holding objects a safe load refuses) raises ValueError saying so."""
+    if isinstance(checkpoint, dict):
+        ckpt = checkpoint
+    else:
+        try:
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's own message would advise loading unsafely
+            raise ValueError(f"{checkpoint}: not a checkpoint that loads safely ({type(e).__name__})") from None
+    try:
+        cfg = ckpt["config"]
+        model = UNet(**cfg["model"])
+        model.load_state_dict(ckpt["ema"]["model"] if ema else ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the dict'}: not a checkpoint of "
+                         f"train.py ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     model = model.to(device).eval().requires_grad_(False)
     process = make_process(cfg).to(device)
     return sampling_model(model, process, cfg), process, cfg

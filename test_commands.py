@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -256,6 +257,10 @@ def test_ctrl_c_saves_and_resume_continues_the_uninterrupted_run(tmp_path, stop)
     b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert b["step"] == 24 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+    for name in ("1-16.pt", "1-8.pt", "1-4.pt"):  # the snapshots at steps 2, 3, 6: kept through the stop
+        sa, sb = (torch.load(tmp_path / r / "snapshots" / name, weights_only=True) for r in ("full", "cut"))
+        assert sa["step"] == sb["step"] and all(torch.equal(sa["ema"]["model"][k], sb["ema"]["model"][k])
+                                                for k in sa["ema"]["model"])
 
 
 def test_one_run_at_a_time_on_a_folder_and_a_run_killed_before_its_first_save_starts_again(tmp_path, trained_run,
@@ -635,6 +640,19 @@ def test_the_default_sampler_is_sde_dpm_solver(tmp_path, trained_run):
                             *extra]) == 0
         pictures[name] = (tmp_path / f"{name}.png").read_bytes()
     assert pictures["default"] == pictures["eta1"] != pictures["eta0"] != pictures["2M"] != pictures["default"]
+
+
+def test_ddpm_load_of_a_file_that_is_not_a_checkpoint_is_a_value_error_without_unsafe_advice(tmp_path, trained_run):
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    (tmp_path / "damaged.pt").write_bytes((trained_run / "ckpt.pt").read_bytes()[:500])
+    torch.save({"config": {"model": {}}, "x": np.float64(1.0).__class__}, tmp_path / "unsafe.pt")  # a class: pickled
+    for name, says in (("foreign.pt", "not a checkpoint of train.py (KeyError"),
+                       ("damaged.pt", "not a checkpoint that loads safely"),
+                       ("unsafe.pt", "not a checkpoint that loads safely")):
+        with pytest.raises(ValueError, match=re.escape(says)) as caught:
+            ddpm.load(tmp_path / name)
+        assert "weights_only=False" not in str(caught.value) and "unsafe" not in str(caught.value).replace(
+            "unsafe.pt", "")
 
 
 def test_an_unconditional_run_is_autoguided_by_its_early_snapshot_unless_told(tmp_path, trained_run, capsys):

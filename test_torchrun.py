@@ -78,6 +78,12 @@ def test_two_processes_train_as_one_and_say_so(tmp_path, one_process_run):
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert (cfg["world_size"], cfg["grad_accum"]) == (2, 2)
     assert weights_of(tmp_path / "two")[2]["config"]["world_size"] == 2
+    snapshots = sorted(p.name for p in (tmp_path / "two" / "snapshots").iterdir())  # rank 0 wrote them, once
+    assert snapshots == ["1-16.pt", "1-4.pt", "1-8.pt"]
+    for name in snapshots:
+        a, b = (torch.load(r / "snapshots" / name, weights_only=True) for r in (one_process_run, tmp_path / "two"))
+        assert a["step"] == b["step"] and max((a["ema"]["model"][k] - b["ema"]["model"][k]).abs().max().item()
+                                              for k in a["ema"]["model"]) < 1e-5
 
 
 def test_grad_accum_on_one_process_equals_the_whole_batch(tmp_path, one_process_run):

@@ -785,6 +785,8 @@ def loop(cfg, state, data, folder, measure_fid, procs, stop):
         smooth = mean if smooth is None else 0.98 * smooth + 0.02 * mean
         bad = torch.where(torch.isfinite(mean) | (bad < math.inf), bad, float(step - 1))
         n_last += n
+        for name in snapshots.get(step, ()):  # before a stop can end the loop: a resume starts past this step
+            folder.snapshot(state, name)
         if step % log_every == 0 or step == total:
             check_health(bad, folder.out, procs)
             loss, smoothed, stops = procs.sum(torch.stack([mean, smooth, torch.tensor(float(bool(stop)),
@@ -802,8 +804,6 @@ def loop(cfg, state, data, folder, measure_fid, procs, stop):
                 return
         elif world == 1 and stop:
             return
-        for name in snapshots.get(step, ()):
-            folder.snapshot(state, name)
         if cfg["sample_every"] and (step % cfg["sample_every"] == 0 or step in (FIRST_GRID, total)):
             folder.grid(state)
         if measure_fid and (step % cfg["fid_every"] == 0 or step == total):
