@@ -184,8 +184,11 @@ class AttnBlock(nn.Module):
         # (B, HW, 3C): a free view when x is channels_last, one copy otherwise
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, 3 * C)
         q, k, v = (a.reshape(B, H * W, n, C // n).transpose(1, 2) for a in qkv.chunk(3, dim=-1))
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, n, HW, C / n)
-        return x + self.proj(h.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
+        # the 1x1 projection as the matmul it is: on this (B, HW, C) layout a conv's weight gradient comes out
+        # channels_last, which DDP's gradient buckets (laid out as the weight) warn about and copy
+        h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)
+        return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):

@@ -1071,6 +1071,18 @@ def test_unet_maps_images_to_same_shape_and_depends_on_t(channels, size, norm, a
     assert torch.allclose(model(x[:1], torch.tensor([3])), out[:1], atol=1e-5)
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_every_gradient_keeps_its_weights_layout(amp):
+    """DDP copies each gradient into a bucket laid out as its weight and warns ("Grad strides do not match")
+    when the layouts differ: every parameter's gradient must have the parameter's strides, bf16 too."""
+    net = ddpm.UNet(**dict(ddpm.PRESETS["tiny"], num_classes=3)).train()
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        out = net(torch.randn(4, 3, 32, 32, generator=gen()), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]))
+    out.float().square().mean().backward()
+    odd = [n for n, p in net.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not odd, odd
+
+
 def test_unet_rejects_indivisible_image_size():
     with pytest.raises(ValueError, match="not divisible by 8"):
         ddpm.UNet(image_size=36)
