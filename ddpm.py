@@ -837,11 +837,12 @@ class ScoreSDE(nn.Module):
 
     @torch.inference_mode()
     def sde_sample(self, model, shape=None, x_T=None, steps=500, corrector_steps=0, snr=0.16, generator=None,
-                   return_trajectory=False, progress=None, spacing="time", start=None, **loop):
+                   return_trajectory=False, progress=None, spacing="time", start=None, clip_x0=False, **loop):
         """Euler-Maruyama on the reverse SDE (euler_maruyama_coefficients) over `steps` times evenly spaced
         from t_start to t_end; the last call returns E[x_0 | x] without noise. corrector_steps >= 1 runs
         that many Langevin steps before each predictor step (PC, Song et al. Algorithms 4-5), of size
-        2 alpha_i (snr |z| / |score|)^2 with the norms averaged over the batch. Returns as ddpm_sample.
+        2 alpha_i (snr |z| / |score|)^2 with the norms averaged over the batch. clip_x0 clips each x0_hat to
+        [-1, 1], as the fixed-step samplers do (the command line does). Returns as ddpm_sample.
         """
         if steps < 2:
             raise ValueError(f"steps must be at least 2, got {steps}")
@@ -862,7 +863,7 @@ class ScoreSDE(nn.Module):
             return x
         given = loop.pop("hook", None)  # e.g. inpainting's: before the corrector
         hook = corrector if not given else lambda x, *at: corrector(given(x, *at), *at)
-        return self.run_grid(model, x, times, euler_maruyama_coefficients(times, alpha, sigma, f, g2), False,
+        return self.run_grid(model, x, times, euler_maruyama_coefficients(times, alpha, sigma, f, g2), clip_x0,
                              generator, return_trajectory, progress, hook=hook if corrector_steps or given else None,
                              **loop)
 
@@ -892,6 +893,15 @@ class ScoreSDE(nn.Module):
     def _eps(self, model, x, t):
         return model(x, t.expand(x.shape[0]))
 
+    def clipped(self, model):
+        """The eps-model whose x0_hat = (x - sigma_t eps_hat) / alpha_t is clipped to [-1, 1]: eps = (x - alpha_t
+        clip(x0_hat)) / sigma_t, the fixed-step samplers' clip_x0 for the ODE (an under-trained model's
+        unclipped x0_hat can run far outside the data's range)."""
+        def clipped_model(x, t):
+            alpha, sigma = (v.reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype) for v in self.marginal_at(t))
+            return (x - alpha * ((x - sigma * model(x, t)) / alpha).clamp(-1, 1)) / sigma
+        return clipped_model
+
     def ode_drift(self, model, t, x):
         """The probability-flow ODE, dx/dt = f(t) x - g(t)^2 score / 2 = f(t) x + g(t)^2 eps_hat / (2 sigma_t)."""
         t = torch.full((), t, device=x.device)
@@ -905,9 +915,11 @@ class ScoreSDE(nn.Module):
 
     @torch.inference_mode()
     def ode_sample(self, model, shape=None, x_T=None, rtol=1e-5, atol=1e-5, generator=None, progress=None,
-                   start=None):
+                   start=None, clip_x0=False):
         """Samples by the probability-flow ODE (Song et al. eq. 13) from t_start (or start) to t_end with
-        odeint's Dormand-Prince 5(4), then E[x_0 | x_{t_end}]. Deterministic given x_T. Returns (x_0, model calls)."""
+        odeint's Dormand-Prince 5(4), then E[x_0 | x_{t_end}]; clip_x0: the drift of the clipped model
+        (`clipped`). Deterministic given x_T. Returns (x_0, model calls)."""
+        model = self.clipped(model) if clip_x0 else model
         x = self._start(shape, x_T, generator)
         x, nfe = odeint(lambda t, y: self.ode_drift(model, t, y), x, self.t_start if start is None else start,
                         self.t_end, rtol, atol, progress)

@@ -166,7 +166,7 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
     steps = args.steps or STEPS.get(args.sampler)
     spacing = {"spacing": args.spacing} if args.spacing else {}
     if args.sampler == "ode":
-        x, nfe = process.ode_sample(model, shape, rtol=args.rtol, atol=args.atol, **kw)
+        x, nfe = process.ode_sample(model, shape, rtol=args.rtol, atol=args.atol, clip_x0=True, **kw)
         print(f"ode: {nfe} model calls", file=sys.stderr)
         return x, None
     kw.update(return_trajectory=trajectory, **loop)
@@ -178,7 +178,8 @@ def sample_batch(args, process, model, shape, x_T, generator, trajectory, progre
         out = process.dpm_solver_sample(model, shape, steps=steps, order=args.order, eta=args.eta, **spacing, **kw)
     else:
         corrector = args.corrector_steps if args.corrector_steps is not None else int(args.sampler == "pc")
-        out = process.sde_sample(model, shape, steps=steps, corrector_steps=corrector, snr=args.snr, **kw)
+        out = process.sde_sample(model, shape, steps=steps, corrector_steps=corrector, snr=args.snr, clip_x0=True,
+                                 **kw)
     return out if trajectory else (out, None)
 
 

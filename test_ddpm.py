@@ -570,6 +570,22 @@ def test_ode_sampler_is_the_exact_flow_and_its_cost_shrinks_with_the_tolerance(p
     assert x.mean().item() == pytest.approx(MU, abs=0.03 if process == "ve" else 0.01)  # VE: prior mean 0, not mu
 
 
+@pytest.mark.parametrize("process", ["vp", "ve"])
+def test_the_continuous_samplers_clip_x0_as_the_fixed_step_ones_do(process):
+    """Data N(3, 0.1^2) lies outside [-1, 1], as an under-trained model's unclipped x0_hat can: with clip_x0 the
+    Euler-Maruyama, predictor-corrector and ODE samplers stay in [-1, 1] (what sample.py's em, pc and ode do);
+    without it they follow the model out."""
+    p = PROCESSES[process]()
+    far = gaussian_oracle(p, mu=3.0, sd=0.1)
+    x_T = p.prior_std * torch.randn(256, 1, 2, 2, generator=gen())
+    for clip in (False, True):
+        em = p.sde_sample(far, x_T=x_T, steps=100, clip_x0=clip, generator=gen(1))
+        pc = p.sde_sample(far, x_T=x_T, steps=100, corrector_steps=1, clip_x0=clip, generator=gen(1))
+        ode = p.ode_sample(far, x_T=x_T, clip_x0=clip)[0]
+        for x in (em, pc, ode):
+            assert (x.abs().max() <= 1 + 1e-5) if clip else (x.mean().item() == pytest.approx(3.0, abs=0.1))
+
+
 def test_a_tolerance_below_float32s_reach_stops_with_a_reason_instead_of_hanging(monkeypatch):
     """Rounding makes some tiny steps' error estimates 0, so they are accepted and the solver would crawl on
     forever: the call budget ends it (a smaller budget here, for the test's time)."""
