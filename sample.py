@@ -704,11 +704,11 @@ def mixed_precision(args, cfg, net, guide, device, procs):
     """The sampling models under --amp (cli.choose_amp; auto times a model call on a batch of noise): autocast
     around each call, float32 out, the samplers' arithmetic in float32 and float64."""
     m = cfg["model"]
-    x = torch.randn((min(args.batch_size, 64), m["in_channels"], m["image_size"], m["image_size"]), device=device,
-                    generator=torch.Generator(device).manual_seed(0))
-    t = torch.full((len(x),), 10, device=device)
 
-    def seconds(amp):
+    def seconds(amp):  # called by auto alone: no batch is made for an --amp that is given
+        x = torch.randn((min(args.batch_size, 64), m["in_channels"], m["image_size"], m["image_size"]),
+                        device=device, generator=torch.Generator(device).manual_seed(0))
+        t = torch.full((len(x),), 10, device=device)
         with torch.inference_mode():
             start = time.perf_counter()
             cli.Autocast(net, amp, device)(x, t)
