@@ -77,7 +77,7 @@ def make_progress(label, tty_only=False):
         return lambda i, n: print(f"\r{label}: step {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
     if tty_only:
         return None
-    return lambda i, n: i == n and print(f"{label}: {n} model calls done", file=sys.stderr, flush=True)
+    return lambda i, n: i == n and print(f"{label}: {n} steps done", file=sys.stderr, flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # class labels and guidance
@@ -585,7 +585,7 @@ def check_guidance(args, cfg):
     if cond and args.guide_path is None and args.guidance != 1 and cfg.get("label_dropout", 0.1) == 0:
         print(f"note: {args.run} was trained with --label-dropout 0, so its unconditional model (the null label) is "
               f"untrained and guidance {args.guidance:g} follows it: use --guidance 1, or --guide", file=sys.stderr)
-    args.doubled = "" if args.guidance == 1 else " (guided: twice the model's work a step)"
+    args.doubled = "" if args.guidance == 1 else " (guided: up to twice the model's work a step)"
 
 
 def parse_interval(text):
