@@ -177,7 +177,8 @@ def oracle_std_errors(diffusion, x_T, nfes, spacings):
 
 
 def bench_solvers(args, device):
-    """docs/samplers.md's tables: the exact Gaussian predictor (linear and cosine, T = 1000) and a trained run."""
+    """docs/samplers.md's tables: the exact Gaussian predictor (linear and cosine, T = 1000; the flow) and a
+    trained run."""
     nfes, g = (5, 10, 20, 30, 50), torch.Generator(device).manual_seed(0)  # a superset of the oracle's calls
     out = {}
     for schedule in ("linear", "cosine"):
@@ -185,6 +186,7 @@ def bench_solvers(args, device):
         x_T = torch.randn(4096, 1, 4, 4, generator=g, device=device)
         out[f"gaussian_{schedule}"] = solver_errors(d, ddpm.gaussian_eps(d), x_T, nfes, SOLVER_SPACINGS)
         out[f"gaussian_std_{schedule}"] = oracle_std_errors(d, x_T, (5, 10, 20), SOLVER_SPACINGS)
+    out["gaussian_std_flow"] = oracle_std_errors(ddpm.FlowMatching().to(device), x_T, (5, 10, 20), ("time",))
     ckpt, net, d = cli.load_run(args.solvers, device)
     c, s = ckpt["config"]["model"]["in_channels"], ckpt["config"]["model"]["image_size"]
     x_T = torch.randn(args.solver_n, c, s, s, generator=g, device=device)

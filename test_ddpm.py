@@ -193,20 +193,20 @@ def test_v_prediction_loss_and_its_eps_model():
     af, sf = (m.reshape(-1, 1, 1, 1) for m in d.marginal(tf))
     vf, x_tf = af * noise - sf * x0, af * x0 + sf * noise
     assert torch.allclose(ddpm.EpsFromV(lambda x, tt: vf, d)(x_tf, tf), noise, atol=1e-5)
-    with pytest.raises(ValueError, match="eps, v"):
-        d.loss(true_v, x0, prediction="x0")
+    with pytest.raises(ValueError, match="eps, v, x0, velocity"):
+        d.loss(true_v, x0, prediction="score")
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
 def test_min_snr_weights_are_min_snr_gamma_times_the_x0_error(prediction):
-    """Hang et al.: with weights min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v), every sample's loss is
-    min(SNR_t, gamma) ||x0 - x0_hat||^2 for the x0_hat the prediction implies."""
+    """Hang et al.: with weights min(SNR, gamma) / SNR (eps), / (SNR + 1) (v) or / x0_weight for any prediction,
+    every sample's loss is min(SNR_t, gamma) ||x0 - x0_hat||^2 for the x0_hat the prediction implies."""
     d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
     x0, noise = torch.rand(5, 1, 4, 4, generator=gen(1)) * 2 - 1, torch.randn(5, 1, 4, 4, generator=gen(2))
     t = torch.tensor([0, 10, 100, 500, 999])
     model = lambda x, tt: 0.7 * x + 0.1
     per = d.loss(model, x0, t=t, noise=noise, prediction=prediction, min_snr=5.0, reduction="none")
-    eps_model = model if prediction == "eps" else ddpm.EpsFromV(model, d)
+    eps_model = model if prediction == "eps" else ddpm.Predictor(model, d, prediction)
     x_t = d.q_sample(x0, t, noise)
     x0_err = ((d.predict_x0(x_t, t, eps_model(x_t, t)) - x0) ** 2).flatten(1).mean(1)
     snr = (d.alphas_cumprod64[t] / (1 - d.alphas_cumprod64[t])).float()
@@ -551,7 +551,7 @@ def test_sde_sampler_conventions_and_no_noise_at_the_last_step(process):
     x, traj = p.sde_sample(model, (3, 1, 16, 16), steps=6, generator=gen(5), return_trajectory=True)
     assert x.shape == (3, 1, 16, 16) and len(traj) == 7 and torch.equal(traj[-1], x)
     with torch.inference_mode():  # the last step is E[x0 | x] at t_end: no noise
-        assert torch.allclose(x, p._denoise(model, traj[-2], torch.tensor(p.t_end)), atol=1e-6)
+        assert torch.allclose(x, ddpm.denoise(model, p, traj[-2], torch.full((3,), p.t_end))[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("process", ["vp", "ve"])
@@ -960,12 +960,33 @@ def test_reconstruction_guidance_pulls_the_unknown_pixel_to_its_gaussian_conditi
         assert torch.allclose(nothing(x_t, t), correlated_oracle(d)(x_t, t), atol=1e-6)
 
 
-def test_repaint_schedule_and_its_model_calls():
+def published_repaint_times(steps, jump, resample):
+    """Lugmayr et al.'s schedule of timesteps as their sampler visits them (0-based, steps - 1 the noise end,
+    -1 the clean image): down one at a time, and at every timestep t in 0, jump, ... below steps - jump back up
+    `jump` timesteps, resample - 1 times."""
+    left = {t: resample - 1 for t in range(0, steps - jump, jump)}
+    t, times = steps, []
+    while t >= 1:
+        t -= 1
+        times.append(t)
+        if left.get(t, 0) > 0:
+            left[t] -= 1
+            times += list(range(t + 1, t + jump + 1))
+            t += jump
+    return times + [-1]
+
+
+def test_repaint_schedule_is_the_published_one_and_its_model_calls():
     path = ddpm.repaint_path(250, jump=10, resample=10)
+    points = [249 - t for t in published_repaint_times(250, 10, 10)]  # grid point k is timestep 249 - k
+    # they go back one timestep at a time, ten forward draws; a jump here is one draw of the same law
+    jumped = [k for i, k in enumerate(points) if not (0 < i < len(points) - 1 and points[i - 1] > k > points[i + 1])]
+    assert path == jumped
     assert sum(j > i for i, j in zip(path, path[1:])) == 2410  # Lugmayr et al.'s 250 steps, j = 10, r = 10
     assert path[0] == 0 and path[-1] == 250 and all(abs(j - i) in (1, 10) for i, j in zip(path, path[1:]))
-    assert ddpm.repaint_path(20, 5, 3) == [*range(11), *range(5, 11), *range(5, 16), *range(10, 16), *range(10, 21),
-                                           *range(15, 21), *range(15, 21)]  # jumps at t = 10, 5 and 0 left
+    assert 250 not in path[:-1]  # never a jump from the clean image
+    assert ddpm.repaint_path(20, 5, 3) == [*range(10), *range(4, 10), *range(4, 15), *range(9, 15), *range(9, 20),
+                                           *range(14, 20), *range(14, 21)]  # jumps at timesteps 10, 5 and 0
     assert ddpm.repaint_path(7, 10, 5) == list(range(8))  # shorter than a jump: plain descent
     calls = []
     d = ddpm.Diffusion(ddpm.make_betas("linear", 100))
@@ -973,6 +994,18 @@ def test_repaint_schedule_and_its_model_calls():
                   path=ddpm.repaint_path(20, 5, 3), generator=gen())
     grid = d.time_grid(20).tolist()
     assert calls == [grid[i] for i, j in zip(ddpm.repaint_path(20, 5, 3), ddpm.repaint_path(20, 5, 3)[1:]) if j > i]
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_multistep_solvers_restart_their_order_after_a_repaint_jump(order):
+    """After a jump back the history is void: the next steps take the lower orders' weights, so a RePaint path
+    with nothing known leaves the data's law as it is."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    plain, x = (d.dpm_solver_sample(gaussian_oracle(d), (8192, 1, 2, 2), steps=50, order=order, eta=1.0,
+                                    clip_x0=False, path=path, generator=gen())
+                for path in (None, ddpm.repaint_path(50, 10, 3)))
+    assert x.mean().item() == pytest.approx(MU, abs=0.006)  # 0.327 when the weights kept their order
+    assert x.std().item() == pytest.approx(plain.std().item(), rel=0.015)  # the solver's own step error
 
 
 def test_sdedit_from_t0_samples_the_gaussian_closed_form():
