@@ -69,6 +69,18 @@ def run_command(script, body, lost_note=""):
     return 0
 
 
+def expand_home(args):
+    """args with every path-like value that begins with ~ expanded to the home folder: a shell leaves
+    --out=~/runs as written, which would make a folder literally named ~ in the current one."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~/") else v
+                                 for v in value])
+    return args
+
+
 def check_device(name):
     """torch.device(name), or UserError when it is not a device name or names a CUDA this machine lacks."""
     try:
@@ -122,6 +134,14 @@ class Autocast(torch.nn.Module):
     def forward(self, *args):
         with autocast(self.amp, self.device):
             return self.model(*args).float()
+
+
+def autocast_model(model, amp, device):
+    """model with its network's calls under autocast (Autocast); a ddpm.Predictor keeps its conversions
+    between predictions outside, in float32, and its predict."""
+    if isinstance(model, ddpm.Predictor):
+        return ddpm.Predictor(Autocast(model.model, amp, device), model.process, model.kind)
+    return Autocast(model, amp, device)
 
 
 def choose_amp(requested, device, seconds_per_step):
@@ -575,13 +595,19 @@ def check_classes(folder, classes, labels, from_idx=False):
               file=sys.stderr)
 
 
-def _listing(folder):
+def _listing(folder, say=False):
+    """(folder, its image files, its IDX image files), all sorted; an IDX file whose gzipped copy lies beside
+    it is read once (say: a note that says so)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--data {folder}: no such folder")
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
-    return folder, [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS], [p for p in paths if
-                                                                               p.name.endswith(IDX_IMAGES)]
+    idx = [p for p in paths if p.name.endswith(IDX_IMAGES)]
+    twins = [p for p in idx if p.suffix == ".gz" and p.with_suffix("") in idx]
+    for p in twins if say else ():
+        print(f"note: --data {folder}: reading {p.with_suffix('').name} once, not its gzipped copy {p.name} too",
+              file=sys.stderr)
+    return folder, [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS], [p for p in idx if p not in twins]
 
 
 def find_classes(folder):
@@ -619,7 +645,7 @@ def load_images(folder, size, channels, workers=0, labelled=False):
     """Every image under folder as one uint8 tensor [N, C, size, size] (decoded in parallel), or as
     StreamedImages when that tensor would not fit in memory_budget(); with labelled, their labels and
     class names too (_classes_of). Returns Labelled."""
-    folder, files, idx = _listing(folder)
+    folder, files, idx = _listing(folder, say=True)
     mode = "L" if channels == 1 else "RGB"
     classes, file_class, idx_labels = _classes_of(folder, files, idx) if labelled else (None, None, None)
     arrays = [fit_image(Image.fromarray(a), size, mode) for p in idx for a in read_idx_images(p)]
@@ -744,7 +770,8 @@ def read_masks(spec, image_path, names, sizes, size):
     """The masks of the images to edit, true (white) where the model fills in, as bool [N, 1, size, size]:
     a built-in name (MASKS), one mask file for every image, or a folder with a mask for each image at the
     same relative name. Each file is fitted as its image (same aspect ratio needed) and thresholded at half
-    grey; a mask that fills nothing, or everything, is refused."""
+    grey, or, when it has transparent pixels, at half alpha (transparent: fill in); a mask that fills nothing,
+    or everything, is refused."""
     if spec in MASKS:
         masks = [builtin_mask(spec, size, i) for i in range(len(names))]
         return torch.stack(masks)
@@ -759,12 +786,18 @@ def read_masks(spec, image_path, names, sizes, size):
         files = [path] * len(names)
     else:
         raise UserError(f"--mask {spec}: no such file or folder, and not one of {', '.join(MASKS)}")
-    masks = []
+    masks, noted = [], set()
     for f, n, (w, h) in zip(files, names, sizes):
-        a, (mw, mh), _ = _fitted(f, size, "L", "mask")
+        (grey, alpha), (mw, mh), _ = _fitted(f, size, "LA", "mask")
         if abs(mw / mh - w / h) > 0.01 * w / h:
             raise UserError(f"{f}: a mask of {mw}x{mh} does not fit the image {n} of {w}x{h} (another shape)")
-        m = torch.from_numpy(a.copy()) >= 128
+        m = torch.from_numpy(grey.copy())[None] >= 128
+        if (alpha < 255).any():  # erased to transparent, as image editors and image-edit APIs mark a hole
+            m = torch.from_numpy(alpha.copy())[None] < 128
+            if f not in noted:
+                print(f"note: {f}: its transparent pixels mark what to fill in (its alpha channel; grey ignored)",
+                      file=sys.stderr)
+                noted.add(f)
         if not m.any() or m.all():
             raise UserError(f"{f}: the mask is all {'black: nothing to fill in' if not m.any() else 'white: nothing is kept'}"
                             f" (white marks what to fill in)")
@@ -783,8 +816,22 @@ def frequency_labels(counts, n, seed):
 
 
 def save_checkpoint(path, state):
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write atomically: a kill during the write leaves the previous checkpoint intact. A failed write (a full
+    disk, which torch's zip writer reports as a RuntimeError) is an OSError naming the file."""
+    def write(tmp):
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:
+            why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+            raise OSError(f"cannot write {path} ({why}; is the disk full?)") from None
+    atomic_write(path, write)
+
+
+def remove_leftovers(folder):
+    """The temporary files of atomic_write that a killed writer left in folder and its subfolders (call it
+    while holding the folder's FolderLock: no writer of ours is at work there)."""
+    for p in Path(folder).rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def read_checkpoint(path, device="cpu"):

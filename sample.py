@@ -41,14 +41,14 @@ import ddpm
 import fid
 from cli import UserError
 
-SPACINGS = ddpm.Diffusion.spacings  # every process's spacings are among these
+SPACINGS = tuple(dict.fromkeys(s for p in ddpm.PROCESSES.values() for s in p.spacings))  # every process's
 # --steps by sampler (ddpm: the whole chain); dpm++ 10: on MNIST FD-wide 72 at 10 against 91 at 20 (docs/guidance.md)
 STEPS = {"ddpm": None, "ddim": 50, "dpm++": 10, "em": 500, "pc": 500}
 REPAINT_STEPS, JUMP = 250, 10  # --resample without --steps or --jump: Lugmayr et al.'s 250 steps, jumps of 10
 RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
 # Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
 # where it applies, chosen on MNIST (docs/guidance.md)
-DEFAULT_GUIDE, AUTOGUIDANCE, AUTOGUIDANCE_INTERVAL = "1/16", 2.0, (0.5, 10.0)
+DEFAULT_GUIDE, AUTOGUIDANCE_INTERVAL = "1/16", (0.5, 10.0)  # the weight: the process's autoguidance
 FRACTION = re.compile(r"\d+/\d+")
 GRID_LIMIT, GRID_COLUMNS = 256, 16  # the grid shows the first samples; a class's row its first 16
 AMP = "fp32"  # sample.py's --amp: float32 unless measured otherwise (docs/performance.md)
@@ -446,10 +446,12 @@ def parse_args(argv=None):
       help="em/pc/ode solve the reverse SDE / probability-flow ODE")
     a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 10, em/pc 500, ddpm the whole chain (fewer: "
                                 "respaced; with --resample 250)")
-    a("--spacing", choices=SPACINGS, help="time grid of ddpm/ddim/dpm++ (Diffusion: all; VE: time, lambda); "
-                                          "None: the process's default")
+    a("--spacing", choices=SPACINGS, help="time grid of ddpm/ddim/dpm++ (Diffusion: all; VE: time, lambda; "
+                                          "flow: time, shifted); None: the process's default")
+    a("--shift", type=float, help="flow runs, --spacing shifted: s of t = s u / (1 + (s - 1) u) over even u "
+                                   "(Esser et al. 2024); None: the process's (3)")
     a("--order", type=int, choices=(1, 2, 3), help="dpm++: DPM-Solver++ order (2M, 3M); None: the process's "
-                                                   "default, 3 for DDPM runs, 2 for VE (docs/samplers.md)")
+                                                   "default, 3 for DDPM runs, 2 for VE and flow (docs/samplers.md)")
     a("--corrector-steps", type=int, help="em/pc: Langevin corrector steps per step; None: 0 for em, 1 for pc")
     a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
@@ -462,7 +464,7 @@ def parse_args(argv=None):
     a("--guidance", type=float, help="guidance weight s of eps_guide + s (eps - eps_guide): class-conditional runs "
                                      "classifier-free (1: the conditional model, 0: the unconditional one), "
                                      "--guide autoguidance (1: the plain model); None: the run's --sample-guidance, "
-                                     f"autoguidance {AUTOGUIDANCE:g}")
+                                     "autoguidance the process's (2; flow 2.5: docs/guidance.md)")
     a("--guide", metavar="SNAPSHOT_OR_RUN", help="autoguidance (Karras et al. 2024): guide by a weaker model, a "
                                                  "snapshot of the run (1/16, 1/8, 1/4: train.py --snapshots) or "
                                                  f"another run or checkpoint; None: {DEFAULT_GUIDE} for unconditional "
@@ -471,7 +473,8 @@ def parse_args(argv=None):
                                                    "2024), one model call elsewhere; 0,inf: everywhere; None: "
                                                    "{},{} for autoguidance, else everywhere".format(
                                                        *AUTOGUIDANCE_INTERVAL))
-    a("--inpaint", metavar="IMAGES", help="an image or a folder of images to fill in where --mask is white")
+    a("--inpaint", metavar="IMAGES", help="an image or a folder of images to fill in where --mask is white "
+                                             "(or transparent)")
     a("--mask", help=f"--inpaint: a mask image, a folder of masks named as the images, or {', '.join(cli.MASKS)}")
     a("--resample", type=int, metavar="R", help="--inpaint with --sampler ddpm: RePaint, R passes over each jump")
     a("--jump", type=int, default=JUMP, help="--resample: RePaint's jump length")
@@ -507,7 +510,7 @@ def parse_args(argv=None):
     a("--vlb", type=int, metavar="N", help="DDPM runs: Ho et al.'s variational bound (bits/dim) of N training images")
     a("--nearest", type=int, metavar="K", help="memorisation check: each sample beside its K nearest training images")
     a("--nearest-grid", help="the picture of --nearest; None: nearest.png beside --grid")
-    return p.parse_args(argv)
+    return cli.expand_home(p.parse_args(argv))
 
 
 MODES = ("inpaint", "edit", "forward", "interpolate", "invert")
@@ -536,6 +539,7 @@ def check_numbers(args):
                            ("rtol", lambda v: v >= 1e-6, "at least 1e-6 (float32 reaches no smaller tolerance)"),
                            ("atol", lambda v: v >= 1e-6, "at least 1e-6 (float32 reaches no smaller tolerance)"),
                            ("guidance", lambda v: v >= 0, "a number >= 0"),
+                           ("shift", lambda v: v > 0, "a number > 0"),
                            ("recon_guidance", lambda v: v >= 0, "a number >= 0")):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
@@ -557,7 +561,7 @@ def check_numbers(args):
         raise UserError(f"--strength takes numbers in [0, 1], got {','.join(map(str, args.strength))}")
 
 
-def check_guidance(args, cfg):
+def check_guidance(args, cfg, process):
     """--class, --guide, --guidance and --guidance-interval against the run. An unconditional run is autoguided
     by its snapshot at DEFAULT_GUIDE where it kept one (--guidance 1: the plain model); a class-conditional
     run takes classifier-free guidance at its --sample-guidance, or autoguidance with --guide."""
@@ -579,7 +583,7 @@ def check_guidance(args, cfg):
                                 "training: name a guide with --guide (a snapshot such as 1/4, or another run)")
         args.guidance = 1.0
     elif args.guidance is None:
-        args.guidance = AUTOGUIDANCE if args.guide_path else cfg["sample_guidance"]
+        args.guidance = process.autoguidance if args.guide_path else cfg["sample_guidance"]
     if args.guidance_interval is None and args.guide_path is not None:
         args.guidance_interval = AUTOGUIDANCE_INTERVAL
     if cond and args.guide_path is None and args.guidance != 1 and cfg.get("label_dropout", 0.1) == 0:
@@ -630,7 +634,12 @@ def check_modes(args, process):
         print("note: --edit-by inversion decoded deterministically gives the input back: decode with noise (--eta "
               "above 0; dpm++'s default is 1) or, on a class-conditional run, towards a --class", file=sys.stderr)
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):
-        raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a VE run: use --nll")
+        raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a {process.name} run: use --nll")
+    if args.shift is not None:
+        if not hasattr(process, "shift"):
+            print(f"note: --shift has no effect on a {process.name} run (flow runs' shifted grid)", file=sys.stderr)
+        else:
+            process.shift = args.shift
     if args.spacing and args.spacing not in process.spacings:
         raise UserError(f"--spacing {args.spacing}: a {type(process).__name__} run has {', '.join(process.spacings)}")
     if args.trajectory and args.sampler == "ode":
@@ -645,7 +654,7 @@ def check_args(args, process, cfg):
     check_numbers(args)
     if args.eta is None:
         args.eta = 1.0 if args.sampler == "dpm++" else 0.0
-    check_guidance(args, cfg)
+    check_guidance(args, cfg, process)
     check_modes(args, process)
     args.start = None
 
@@ -711,14 +720,14 @@ def mixed_precision(args, cfg, net, guide, device, procs):
         t = torch.full((len(x),), 10, device=device)
         with torch.inference_mode():
             start = time.perf_counter()
-            cli.Autocast(net, amp, device)(x, t)
+            cli.autocast_model(net, amp, device)(x, t)
             return time.perf_counter() - start
     amp, why = cli.choose_amp(args.amp, device, seconds)
     if why and procs.main:
         print(why, file=sys.stderr)
     if amp == "fp32":
         return net, guide
-    return cli.Autocast(net, amp, device), None if guide is None else cli.Autocast(guide, amp, device)
+    return cli.autocast_model(net, amp, device), None if guide is None else cli.autocast_model(guide, amp, device)
 
 
 def forward_process(args, process, cfg):

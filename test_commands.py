@@ -396,7 +396,11 @@ def test_fid_during_training_and_its_one_notice_without_weights(tmp_path, monkey
     (["--out", "FILE"], "a file, not a folder"),
     (["--out", "USERS"], "not empty and is not a run of train.py"),
     (["--min-snr", "-1"], "--min-snr must be a number >= 0"),
-    (["--process", "ve", "--prediction", "v"], "apply to --process ddpm"),
+    (["--process", "ve", "--prediction", "v"], "--prediction v does not apply to --process ve"),
+    (["--process", "ve", "--min-snr", "5"], "--min-snr does not apply to --process ve"),
+    (["--process", "flow", "--prediction", "eps"], "--prediction eps does not apply to --process flow"),
+    (["--process", "flow", "--logit-scale", "0"], "--logit-scale must be a positive number"),
+    (["--process", "flow", "--logit-mean", "nan"], "logit-normal's mean must be a number"),
     (["--num-heads", "5"], "num_heads must be at least 1 and divide"),
     (["--norm-group-size", "5"], "norm_group_size must be at least 1 and divide"),
     (["--norm-group-size", "-1"], "--norm-group-size must be at least 0"),
@@ -590,8 +594,41 @@ def test_a_ve_run_records_its_process_and_samples_with_every_sampler(tmp_path, v
     Image.open(tmp_path / "dpm++.png").crop((2, 2, 18, 18)).save(image)
     assert sample.main([str(ve_run), "--invert", str(image), str(image), "--grid", str(tmp_path / "inv.png")]) == 0
     capsys.readouterr()
-    for bad, says in ((["--vlb", "2"], "VE run"), (["--spacing", "trailing"], "VESDE run has time, lambda")):
+    for bad, says in ((["--vlb", "2"], "is a ve run"), (["--spacing", "trailing"], "VESDE run has time, lambda")):
         assert sample.main([str(ve_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and not (tmp_path / "no.png").exists()
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    run = root / "run"
+    assert train.main(["--process", "flow", "--data", str(mixed_folder(root / "data")), "--out", str(run),
+                       "--steps", "3", "--sample-every", "3", *TINY[:6], *TINY[10:]]) == 0
+    return run
+
+
+def test_a_flow_run_records_its_process_and_samples_with_every_sampler(tmp_path, flow_run, capsys):
+    ckpt, net, process = cli.load_run(flow_run)
+    cfg = ckpt["config"]
+    assert isinstance(process, ddpm.FlowMatching) and process.density == "logit-normal"
+    assert (cfg["process"], cfg["prediction"], cfg["min_snr"]) == ("flow", "velocity", 0.0)
+    assert isinstance(net, ddpm.Predictor) and net.kind == "velocity" and net.model.config["time_scale"] == 1000.0
+    image = tmp_path / "input.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(image)
+    for name, extra in [(s, ["--sampler", s]) for s in ("ddpm", "ddim", "dpm++", "em", "pc", "ode")] + [
+            ("guided", ["--guidance", "2", "--guide", str(flow_run)]), ("bf16", ["--amp", "bf16"]),
+            ("inpaint", ["--inpaint", str(image), "--mask", "center"]), ("edit", ["--edit", str(image)])]:
+        steps = ["--steps", "4"] if "--sampler" in extra and extra[1] in ("ddpm", "ddim", "dpm++", "em", "pc") else []
+        assert sample.main([str(flow_run), *extra, *steps, "--rtol", "1e-2", "--atol", "1e-2", "--n", "2",
+                            "--out", str(tmp_path / name)]) == 0, name
+        pixels = np.stack([np.asarray(Image.open(f)) for f in sorted((tmp_path / name).glob("*.png"))])
+        assert len(pixels) == 2 and pixels.std() > 0, name  # images, not a constant from NaN
+    assert sample.main([str(flow_run), "--nll", "2", "--rtol", "1e-2", "--atol", "1e-2"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    for bad, says in ((["--vlb", "2"], "is a flow run"), (["--spacing", "lambda"], "FlowMatching run has shifted, time")):
+        assert sample.main([str(flow_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and not (tmp_path / "no.png").exists()
 
@@ -657,14 +694,14 @@ def test_ddpm_load_of_a_file_that_is_not_a_checkpoint_is_a_value_error_without_u
 
 def test_an_unconditional_run_is_autoguided_by_its_early_snapshot_unless_told(tmp_path, trained_run, capsys):
     """train.py keeps the EMA at 1/16, 1/8 and 1/4 of the run as checkpoints; sample.py guides an unconditional
-    run by the 1/16 one at w = sample.AUTOGUIDANCE by default, names it, and --guidance 1 is the plain model."""
+    run by the 1/16 one at w = its process's autoguidance by default, names it, and --guidance 1 is the plain model."""
     assert sorted(p.name for p in (trained_run / "snapshots").iterdir()) == ["1-16.pt", "1-4.pt", "1-8.pt"]
     steps = {p.stem: torch.load(p, weights_only=True)["step"] for p in (trained_run / "snapshots").iterdir()}
     assert steps == {"1-16": 1, "1-8": 1, "1-4": 2}  # round(fraction x 6 steps), at least 1
     guide, _, cfg = ddpm.load(trained_run / "snapshots" / "1-16.pt")
     assert json.loads(json.dumps(cfg)) == json.loads((trained_run / "config.json").read_text())
     pictures, said = {}, {}
-    w = f"{sample.AUTOGUIDANCE:g}"
+    w = f"{ddpm.Diffusion.autoguidance:g}"
     for name, extra in (("default", []), ("explicit", ["--guide", "1/16", "--guidance", w]),
                         ("by_path", ["--guide", str(trained_run / "snapshots" / "1-16.pt"), "--guidance", w]),
                         ("plain", ["--guidance", "1"]), ("quarter", ["--guide", "1/4"]),
@@ -709,7 +746,7 @@ def test_a_v_prediction_run_is_sampled_through_its_eps_form(tmp_path):
     cfg = ckpt["config"]
     assert (cfg["prediction"], cfg["min_snr"], cfg["model"]["num_heads"]) == ("v", 5.0, 2)
     net = ddpm.sampling_model(ema.model, d, cfg)
-    assert isinstance(net, ddpm.EpsFromV) and net.model is ema.model
+    assert isinstance(net, ddpm.Predictor) and net.kind == "v" and net.model is ema.model
     assert ddpm.sampling_model(ema.model, d, dict(cfg, prediction="eps")) is ema.model
     assert sample.main([str(run), "--n", "2", "--steps", "3", "--grid", str(tmp_path / "g.png")]) == 0
 
@@ -1190,3 +1227,67 @@ def test_a_device_this_machine_lacks_is_one_line_for_every_command(tmp_path, tra
         assert len(err) == 1 and says in err[0], err
 
 # ----------------------------------------------------------------------------------------------
+
+
+def test_an_idx_file_beside_its_gzipped_copy_is_read_once(tmp_path, capsys):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    raw = bytes([0, 0, 8, 3]) + np.array([5, 28, 28], ">i4").tobytes() + imgs.tobytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    assert np.array_equal(cli.load_folder(tmp_path, 28, 1)[:, 0].numpy(), imgs)
+    assert "reading t10k-images-idx3-ubyte once, not its gzipped copy" in capsys.readouterr().err
+
+
+def test_a_transparent_mask_marks_the_hole_by_its_alpha(tmp_path, capsys):
+    rgba = np.zeros((16, 16, 4), np.uint8)  # black everywhere; the lower half erased to transparent
+    rgba[..., 3] = 255
+    rgba[8:, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "hole.png")
+    masks = cli.read_masks(str(tmp_path / "hole.png"), "images", ["a", "b"], [(16, 16)] * 2, 16)
+    assert torch.equal(masks, cli.builtin_mask("lower-half", 16)[None].expand(2, -1, -1, -1))
+    assert capsys.readouterr().err.count("transparent pixels mark what to fill in") == 1
+    opaque = rgba.copy()
+    opaque[..., 3], opaque[:8, :, :3] = 255, 255  # no transparency: white marks the hole, as ever
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "white.png")
+    assert torch.equal(cli.read_masks(str(tmp_path / "white.png"), "images", ["a"], [(16, 16)], 16)[0],
+                       cli.builtin_mask("upper-half", 16))
+
+
+def test_a_home_folder_written_as_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train.parse_args(["--out=~/runs/x", "--data", "~"])
+    assert (args.out, args.data) == (str(tmp_path / "runs" / "x"), str(tmp_path))
+    args = sample.parse_args(["~/runs/x", "--out=~/s", "--class", "~"])
+    assert (args.run, args.out) == (str(tmp_path / "runs" / "x"), str(tmp_path / "s"))
+
+
+def test_a_failed_first_save_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK")  # torch's zip writer has begun, then the disk is full
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    assert train.main(["--out", str(run), "--steps", "2", "--sample-every", "0", "--snapshots", "none", *TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.py: error: cannot write") and "is the disk full?" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not list(run.rglob("*.tmp")) and not (run / "ckpt.pt").exists()
+    monkeypatch.undo()
+    assert train.main(["--out", str(run), "--steps", "2", "--sample-every", "0", *TINY]) == 0  # starts again
+
+
+def test_resume_after_the_data_moved_and_after_a_killed_save(tmp_path, capsys):
+    mixed_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert train.main(["--data", str(tmp_path / "data"), "--out", str(run), "--steps", "2", "--sample-every", "0",
+                       *TINY]) == 0
+    (run / ".ckpt.pt.999999.tmp").write_bytes(b"")  # a save killed half-way
+    (tmp_path / "data").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--steps", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its data {tmp_path / 'data'} is gone" in err[0] and "--data" in err[0]
+    assert train.main(["--resume", str(run), "--steps", "3", "--data", str(tmp_path / "moved")]) == 0
+    err = capsys.readouterr().err
+    assert "is gone; reading" in err and "--data ignored" not in err and not list(run.rglob("*.tmp"))
+    assert json.loads((run / "config.json").read_text())["data"] == str(tmp_path / "moved")
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3

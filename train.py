@@ -4,6 +4,7 @@
     python train.py --data ./faces --T 300 --schedule cosine --preset faces64 --image-size 64
     python train.py --data mnist/ --channels 1 --image-size 32 --no-flip   # a folder of MNIST's IDX files
     python train.py --data mnist/ --channels 1 --no-flip --process ve     # the VE score SDE (Song et al. 2021)
+    python train.py --data mnist/ --channels 1 --no-flip --process flow   # flow matching, logit-normal t
     python train.py --data ./pets --class-cond                # pets/cat, pets/dog, ...: one class a subfolder
     python train.py --resume runs/faces                       # continue exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --batch-size 256   # 8 GPUs, same run
@@ -76,9 +77,15 @@ SETTINGS = (
     S("channels", 3, "1 for grayscale", choices=(1, 3), model="in_channels"),
     S("no_flip", False, "no random horizontal flips"),
     S("workers", min(4, os.cpu_count() or 1), "decoding processes", valid=at_least(0)),
-    S("process", "ddpm", "ddpm (Ho et al.; also sampled as the VP SDE) or ve: the variance-exploding SDE "
-      "dx = sigma^t dw of Song et al. 2021", choices=("ddpm", "ve"), legacy="ddpm"),
+    S("process", "ddpm", "ddpm (Ho et al.; also sampled as the VP SDE), ve: the variance-exploding SDE "
+      "dx = sigma^t dw of Song et al. 2021, or flow: flow matching x_t = (1 - t) x_0 + t eps (rectified flow; "
+      "docs/sde.md)", choices=tuple(ddpm.PROCESSES), legacy="ddpm"),
     S("sigma", 25.0, "ve: sigma of dx = sigma^t dw"),
+    S("time_density", "logit-normal", "flow: the training times' density (Esser et al. 2024: logit-normal "
+      "beats uniform)", choices=ddpm.FlowMatching.densities, legacy="logit-normal"),
+    S("logit_mean", 0.0, "flow: the logit-normal's mean m, t = sigmoid(m + s n)", legacy=0.0),
+    S("logit_scale", 1.0, "flow: the logit-normal's scale s", valid=((lambda v: v > 0), "a positive number"),
+      legacy=1.0),
     S("T", 1000, "diffusion steps", valid=at_least(1)),
     S("schedule", help="None: linear (Ho et al.) at --T 1000, else rescaled-linear (docs/recipes.md)",
       choices=ddpm.SCHEDULES),
@@ -93,9 +100,9 @@ SETTINGS = (
     S("sample_guidance", 1.5, "class_cond: the guidance scale of the grids and FID (1: the conditional model; "
       "docs/conditional.md)",
       valid=at_least(0)),
-    S("prediction", help="ddpm: what the network predicts (v: Salimans & Ho); None: the preset's recipe",
-      choices=ddpm.PREDICTIONS, legacy="eps"),
-    S("min_snr", help="ddpm: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs; 0: off); None: the "
+    S("prediction", help="what the network predicts (v: Salimans & Ho; velocity: eps - x_0, the flow's); None: "
+      "the preset's recipe (ddpm), velocity (flow), eps (ve)", choices=ddpm.PREDICTIONS, legacy="eps"),
+    S("min_snr", help="ddpm, flow: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs; 0: off); None: the "
       "preset's recipe", type=float, valid=((lambda v: v >= 0), "a number >= 0 (0: off)"), legacy=0.0,
       metavar="GAMMA"),
     S("preset", "tiny", "the U-Net's size and its training recipe (README: the presets)",
@@ -168,7 +175,7 @@ def parse_args(argv=None):
         else:
             kind = s.type or (type(s.default) if s.default is not None else str)
             p.add_argument(flag, type=kind, default=s.default, choices=s.choices, help=s.help, metavar=s.metavar)
-    return p.parse_args(argv)
+    return cli.expand_home(p.parse_args(argv))
 
 
 def check_args(args):
@@ -177,8 +184,12 @@ def check_args(args):
         value = getattr(args, s.name)
         if s.valid and value is not None and not (math.isfinite(value) and s.valid[0](value)):
             raise UserError(f"--{s.name.replace('_', '-')} must be {s.valid[1]}, got {value}")
-    if args.process == "ve" and (args.prediction not in (None, "eps") or args.min_snr):
-        raise UserError("--prediction v and --min-snr apply to --process ddpm; a ve model predicts the scaled score")
+    process = ddpm.PROCESSES[args.process]
+    if args.prediction not in (None, *process.predictions):
+        raise UserError(f"--prediction {args.prediction} does not apply to --process {args.process}; it trains "
+                        f"{', '.join(process.predictions)}")
+    if args.min_snr and not process.weighted:
+        raise UserError(f"--min-snr does not apply to --process {args.process}: its loss is unweighted")
     if args.data and not args.resume and Path(args.out).resolve().is_relative_to(Path(args.data).resolve()):
         raise UserError(f"--out {args.out} is inside --data {args.data}: its grids would become training images")
     device = cli.check_device(args.device)
@@ -193,9 +204,10 @@ def note_unused_options(args):
     """A note for each option given that has no effect on this run, and for guided grids of a class-conditional
     run whose null label is never trained (--label-dropout 0)."""
     defaults = vars(parse_args([]))
+    process_options = [(name, args.process == p.name, f"--process {p.name}")
+                       for p in ddpm.PROCESSES.values() for name in p.options if name in defaults]
     for name, applies, why in (("label_dropout", args.class_cond, "--class-cond"),
-                               ("sample_guidance", args.class_cond, "--class-cond"),
-                               ("sigma", args.process == "ve", "--process ve")):
+                               ("sample_guidance", args.class_cond, "--class-cond"), *process_options):
         if not applies and getattr(args, name) != defaults[name]:
             print(f"note: --{name.replace('_', '-')} has no effect without {why}", file=sys.stderr)
     if args.class_cond and args.label_dropout == 0 and args.sample_guidance != 1:
@@ -295,6 +307,13 @@ def prepare_out(out):
     return lock
 
 
+def resume_out(out):
+    """The resumed run's folder, claimed (cli.FolderLock), without the temporary files of a killed write."""
+    lock = cli.FolderLock(out, "train.py")
+    cli.remove_leftovers(out)
+    return lock
+
+
 def model_config(args):
     """The U-Net's arguments: the preset's, then the model settings given on the command line."""
     cfg = dict(ddpm.PRESETS[args.preset])
@@ -316,8 +335,8 @@ def model_config(args):
         if dropped:
             print(f"note: the {args.preset} preset's attention at {dropped} does not exist at {cfg['image_size']} px "
                   f"(resolutions {levels}); --attn-resolutions sets it", file=sys.stderr)
-    if args.process == "ve":  # t in (0, 1]: see UNet.forward
-        cfg["time_scale"] = 1000.0
+    if ddpm.PROCESSES[args.process].model_time_scale != 1:  # t in [0, 1]: see UNet.forward
+        cfg["time_scale"] = ddpm.PROCESSES[args.process].model_time_scale
     ddpm.UNet(**cfg)  # raises ValueError for an impossible architecture, before any work
     return cfg
 
@@ -342,8 +361,7 @@ def run_config(args):
     if args.data:  # absolute, so that --resume works from any directory
         run["data"] = str(Path(args.data).resolve())
     recipe = dict(RECIPES.get(args.preset, RECIPES["ho"]))
-    if args.process == "ve":  # a VE model predicts the scaled score, unweighted
-        recipe.update(prediction="eps", min_snr=0.0)
+    recipe.update(ddpm.PROCESSES[args.process].recipe)  # what the process fixes (ve: eps, unweighted)
     for key, value in recipe.items():
         if run[key] is None:
             run[key] = value
@@ -373,7 +391,7 @@ def draw(cfg, model, process, shape, generator, labels=None):
     when labels are given."""
     net = ddpm.sampling_model(model, process, cfg)
     if labels is not None:
-        net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"])
+        net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"], process=process)
     return process.dpm_solver_sample(net, shape, steps=cfg["sample_steps"], eta=1.0, generator=generator)
 
 
@@ -411,7 +429,7 @@ def setup(args, procs):
         if args.steps:  # what a resume may change: how long to go on, and how the batch is split
             cfg["steps"] = args.steps
         cfg["grad_accum"] = args.grad_accum
-        defaults, kept = vars(parse_args([])), ("resume", "steps", "device", "grad_accum")
+        defaults, kept = vars(parse_args([])), ("resume", "steps", "device", "grad_accum", *moved_data(cfg, args, procs))
         ignored = [k for k, v in vars(args).items() if k not in kept and v != defaults[k]]
         if ignored and procs.main:
             print(f"note: {', '.join('--' + k.replace('_', '-') for k in ignored)} ignored: a resumed run keeps "
@@ -421,10 +439,24 @@ def setup(args, procs):
     cfg["world_size"] = procs.world
     check_split(cfg)
     locks = []  # rank 0's claim on the run folder, released when the run ends
-    claim = (lambda: locks.append(cli.FolderLock(out, "train.py"))) if args.resume else \
-        (lambda: locks.append(prepare_out(out)))
+    claim = (lambda: locks.append(resume_out(out))) if args.resume else (lambda: locks.append(prepare_out(out)))
     procs.agree(claim)
     return cfg, out, resumed, device, locks
+
+
+def moved_data(cfg, args, procs):
+    """("data",) when the resumed run's data folder is gone and --data gives its new place (cfg["data"] set to
+    it); () when it is where it was. Gone with no --data: one line, before any work."""
+    if not cfg.get("data") or Path(cfg["data"]).is_dir():
+        return ()
+    if not args.data:
+        raise UserError(f"--resume {args.resume}: its data {cfg['data']} is gone (moved?); give its new place "
+                        f"with --data")
+    if procs.main:
+        print(f"note: the run's data {cfg['data']} is gone; reading {args.data}, which must hold the same images for "
+              "the run to go on as it would have", file=sys.stderr)
+    cfg["data"] = str(Path(args.data).resolve())
+    return ("data",)
 
 
 def note_edited_config(out, cfg, procs):
