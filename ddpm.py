@@ -436,14 +436,13 @@ def predicts_x0(model):
     return getattr(model, "predicts_x0", False)
 
 
-def denoise(model, process, x, t):
+def denoise(model, process, x, t, *labels):
     """(x0_hat, eps_hat) of any model at x_t: its own predict where it has one, else eps_hat = model(x, t) and
     x0_hat = (x - sigma_t eps_hat) / alpha_t (Ho et al. eq. 4 solved for x_0). t: [B]."""
     if predicts_x0(model):
-        return model.predict(x, t)
-    eps = model(x, t)
+        return model.predict(x, t, *labels)
     alpha, sigma = (_column(v, x) for v in process.marginal_at(t))
-    return (x - sigma * eps) / alpha, eps
+    return from_prediction("eps", model(x, t, *labels), x, alpha, sigma)
 
 
 class Predictor(nn.Module):
@@ -509,13 +508,7 @@ class Guided(nn.Module):
     def _call(self, model, x, t, y, pair):
         """(eps_hat,), or (x0_hat, eps_hat) with pair: guidance combines each the same way."""
         args = (x, t) if y is None else (x, t, y)
-        if not pair:
-            return (model(*args),)
-        if predicts_x0(model):
-            return model.predict(*args)
-        eps = model(*args)
-        alpha, sigma = (_column(v, x) for v in self.process.marginal_at(t))
-        return (x - sigma * eps) / alpha, eps
+        return denoise(model, self.process, *args) if pair else (model(*args),)
 
     def _inside(self, t):
         if self.interval is None:
