@@ -837,8 +837,7 @@ class ScoreSDE(nn.Module):
         t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         alpha, sigma = self.marginal_at(t)
-        target = noise if prediction == "eps" else prediction_target(
-            prediction, x0, noise, alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1))
+        target = prediction_target(prediction, x0, noise, alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1))
         weight = None
         if min_snr is not None:
             weight = ((alpha / sigma) ** 2).clamp(max=min_snr) / x0_weight(prediction, alpha, sigma)
@@ -1122,9 +1121,8 @@ class Clipped(nn.Module):
         self.predicts_x0 = predicts_x0(model)
 
     def predict(self, x, t):
-        x0, eps = denoise(self.model, self.process, x, t)
         alpha, sigma = (_column(v, x) for v in self.process.marginal_at(t))
-        return x0.clamp(-1, 1), (x - alpha * x0.clamp(-1, 1)) / sigma
+        return from_prediction("x0", denoise(self.model, self.process, x, t)[0].clamp(-1, 1), x, alpha, sigma)
 
     def forward(self, x, t):
         return self.predict(x, t)[1]
@@ -1168,7 +1166,7 @@ class ReconstructionGuided(nn.Module):
             x0 = denoise(self.model, self.process, x, t)[0]
             grad, = torch.autograd.grad(torch.where(keep, known - x0, 0).square().sum(), x)
         x0 = (x0.detach() - torch.where(keep, 0, self.weight * alpha / 2 * grad)).detach()
-        return x0, ((x.detach() - alpha * x0) / sigma).detach()
+        return from_prediction("x0", x0, x.detach(), alpha, sigma)
 
     def forward(self, x, t):
         return self.predict(x, t)[1]

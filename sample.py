@@ -634,7 +634,8 @@ def check_modes(args, process):
         print("note: --edit-by inversion decoded deterministically gives the input back: decode with noise (--eta "
               "above 0; dpm++'s default is 1) or, on a class-conditional run, towards a --class", file=sys.stderr)
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):
-        raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a {process.name} run: use --nll")
+        raise UserError(f"--vlb is Ho et al.'s bound on a discrete chain; {args.run} is a {process.name} run: "
+                        "use --nll")
     if args.shift is not None:
         if not hasattr(process, "shift"):
             print(f"note: --shift has no effect on a {process.name} run (flow runs' shifted grid)", file=sys.stderr)

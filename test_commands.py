@@ -627,7 +627,8 @@ def test_a_flow_run_records_its_process_and_samples_with_every_sampler(tmp_path,
         assert len(pixels) == 2 and pixels.std() > 0, name  # images, not a constant from NaN
     assert sample.main([str(flow_run), "--nll", "2", "--rtol", "1e-2", "--atol", "1e-2"]) == 0
     assert "bits/dim" in capsys.readouterr().out
-    for bad, says in ((["--vlb", "2"], "is a flow run"), (["--spacing", "lambda"], "FlowMatching run has shifted, time")):
+    for bad, says in ((["--vlb", "2"], "is a flow run"),
+                      (["--spacing", "lambda"], "FlowMatching run has shifted, time")):
         assert sample.main([str(flow_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and not (tmp_path / "no.png").exists()

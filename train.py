@@ -429,7 +429,8 @@ def setup(args, procs):
         if args.steps:  # what a resume may change: how long to go on, and how the batch is split
             cfg["steps"] = args.steps
         cfg["grad_accum"] = args.grad_accum
-        defaults, kept = vars(parse_args([])), ("resume", "steps", "device", "grad_accum", *moved_data(cfg, args, procs))
+        kept = ("resume", "steps", "device", "grad_accum", *moved_data(cfg, args, procs))
+        defaults = vars(parse_args([]))
         ignored = [k for k, v in vars(args).items() if k not in kept and v != defaults[k]]
         if ignored and procs.main:
             print(f"note: {', '.join('--' + k.replace('_', '-') for k in ignored)} ignored: a resumed run keeps "
