@@ -144,22 +144,24 @@ def bench_fid(args, device):
 
 
 def solver_errors(diffusion, model, x_T, nfes, spacings):
-    """RMSE per pixel against DDIM with all T steps from the same x_T (the ODE's reference solution),
-    for DDIM and DPM-Solver++(2M, 3M) at each number of model calls and spacing; clip_x0 off."""
+    """RMSE per pixel against DDIM with all T steps from the same x_T (the ODE's reference solution), for the
+    deterministic samplers of the registry (DDIM, DPM-Solver++ 2M and 3M at eta 0, Heun) at each number of model
+    calls (Heun: the grid of (calls + 1) / 2 points, rounded up) and spacing; clip_x0 off."""
     ref = diffusion.ddim_sample(model, x_T=x_T, steps=diffusion.T, clip_x0=False)
+    solvers = (("ddim", "ddim", {}), ("dpm++2M", "dpm++", dict(order=2, eta=0.0)),
+               ("dpm++3M", "dpm++", dict(order=3, eta=0.0)), ("heun", "heun", {}))
     rows = []
     for spacing in spacings:
-        for name, run in (("ddim", lambda k: diffusion.ddim_sample(model, x_T=x_T, steps=k, clip_x0=False, spacing=spacing)),
-                          ("dpm++2M", lambda k: diffusion.dpm_solver_sample(model, x_T=x_T, steps=k, order=2,
-                                                                            clip_x0=False, spacing=spacing)),
-                          ("dpm++3M", lambda k: diffusion.dpm_solver_sample(model, x_T=x_T, steps=k, order=3,
-                                                                            clip_x0=False, spacing=spacing))):
+        for name, sampler, kw in solvers:
+            steps = (lambda k: (k + 2) // 2) if sampler == "heun" else (lambda k: k)
+            run = lambda k: ddpm.sample(diffusion, model, sampler, x_T=x_T, steps=steps(k), clip_x0=False,
+                                        spacing=spacing, **kw)
             rows.append({"sampler": name, "spacing": spacing,
                          **{str(k): round((run(k) - ref).pow(2).mean().sqrt().item(), 4) for k in nfes}})
     return rows
 
 
-SOLVER_SPACINGS = ("linspace", "trailing", "lambda")  # the default, the one before it, even in lambda
+SOLVER_SPACINGS = ("linspace", "trailing", "lambda", "karras")  # the default, the one before, lambda, Karras
 
 
 def oracle_std_errors(diffusion, x_T, nfes, spacings):
@@ -195,7 +197,8 @@ def bench_solvers(args, device):
     with torch.inference_mode():
         out["s_per_image"] = {f"{name}_{k}": round(timed(lambda: fn(k), device, args.repeats) / batch.shape[0], 4)
                               for name, fn in (("ddim", lambda k: d.ddim_sample(net, x_T=batch, steps=k)),
-                                               ("dpm++2M", lambda k: d.dpm_solver_sample(net, x_T=batch, steps=k, order=2)))
+                                               ("dpm++2M", lambda k: d.dpm_solver_sample(net, x_T=batch, steps=k, order=2,
+                                                                                         eta=0.0)))
                               for k in (10, 20, 50)}
     for name, rows in out.items():
         if name == "s_per_image":

@@ -5,13 +5,16 @@ schedule of Nichol & Dhariwal 2021, Song, Meng & Ermon 2020 ("Denoising Diffusio
 Models", DDIM) with DDIM inversion, Lu et al. 2022 (DPM-Solver++), and Song et al. 2021
 ("Score-Based Generative Modeling through SDEs"): the VE SDE, and for both it and DDPM read as
 the VP SDE, Euler-Maruyama, predictor-corrector and probability-flow ODE samplers and exact
-likelihoods. Depends on torch alone, so the file can be copied anywhere:
+likelihoods; flow matching (Lipman et al. 2022, Esser et al. 2024) as a third process; Karras et al.
+2022's grid and Heun sampler. SAMPLERS names every sampler, sample() runs one by name. Depends on
+torch alone, so the file can be copied anywhere:
 
     import torch, ddpm
     model = ddpm.UNet(**ddpm.PRESETS["tiny"]).eval()      # any model(x_t, t) -> eps works
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
     loss = diffusion.loss(model, x0)                      # x0 in [-1, 1], shape [B, C, H, W]
-    x = diffusion.dpm_solver_sample(model, (16, 3, 32, 32), steps=20)
+    x = diffusion.dpm_solver_sample(model, (16, 3, 32, 32), steps=10)
+    x = ddpm.sample(diffusion, model, "heun", (16, 3, 32, 32), steps=18)  # 35 model calls
     x, nfe = diffusion.ode_sample(model, (16, 3, 32, 32))  # the same model as an SDE
 
 Training takes eps- or v-prediction (Salimans & Ho 2022; EpsFromV turns a v-model into the eps-model
@@ -23,7 +26,9 @@ alphas_cumprod[0] is the paper's alpha-bar_1 and alphas_cumprod[T-1] is alpha-ba
 samplers call a DDPM model at fractional t in [0, T-1], and a VESDE model at t in (0, 1].
 """
 import copy
+import inspect
 import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -637,6 +642,7 @@ def odeint(f, y, t0, t1, rtol=1e-5, atol=1e-5, progress=None):
 #     x_{k+1} = c[k] x_k + sum_j w[k, j] x0_hat_{k-j} + s[k] z,   x0_hat_k = (x_k - sigma_k eps_hat_k) / alpha_k.
 
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")  # Diffusion's grids of integer timesteps
+RHO = 7.0  # the Karras grid's rho (Karras et al. 2022, eq. 5: their choice for every data set)
 
 
 def _pairs(alpha, sigma):
@@ -732,6 +738,88 @@ def euler_maruyama_coefficients(times, alpha, sigma, f, g2):
     return (torch.where(finite, c, ancestral[0]), torch.where(finite, w, ancestral[1][:, 0])[:, None],
             torch.where(finite, noise, ancestral[2]))
 
+
+class TableStep:
+    """One step of a table sampler on the grid (the equation above), with its multistep history."""
+
+    def __init__(self, times, coefficients, restart=None):
+        self.evals, self.table, self.restart = times, coefficients, restart or ()
+        self.noisy = bool((coefficients[2][:-1] > 0).any())
+        self.history = []
+
+    def to(self, device):
+        self.c, self.w, self.s = (v.float().to(device) for v in self.table)
+        self.restart = [v.float().to(device) for v in self.restart]
+        return self
+
+    def calls(self, k):
+        return 1
+
+    def reset(self):
+        self.history = []
+
+    def __call__(self, x, k, denoise, noise, last):
+        self.history = [denoise(x, k), *self.history[:self.w.shape[1] - 1]]
+        full = len(self.history) == self.w.shape[1] or not self.restart
+        row = self.w[k] if full else self.restart[len(self.history) - 1][k]
+        x = self.c[k] * x + sum(row[j] * m for j, m in enumerate(self.history))
+        if self.noisy and not last:  # no noise at the last step: x_0 is the mean
+            x = x + self.s[k] * noise()
+        return x
+
+
+class HeunStep:
+    """Heun's second-order step in the noise level (Karras et al. 2022, Algorithm 2): with y = x / scale and
+    d = (y - x0_hat) / level (noise_level), an Euler step from level l to l', then the average of d there and
+    at its end; the step to the clean image is Euler (it returns x0_hat). The churn first raises the level to
+    l (1 + gamma), gamma = min(churn / S, sqrt 2 - 1) where tmin <= l <= tmax, by a draw of the forward process
+    with s_noise times its noise. Two model calls a step, one on the last: 2 S - 1 in all."""
+
+    def __init__(self, process, times, churn=0.0, tmin=0.0, tmax=math.inf, s_noise=1.0):
+        for name, value in (("churn", churn), ("tmin", tmin), ("tmax", tmax), ("s_noise", s_noise)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
+        alpha, sigma = process._grid(times)
+        level, scale = process.noise_level(times.to(torch.float64))
+        S, top = len(times), process.noise_level(torch.tensor([process.t_start], dtype=torch.float64))[0]
+        gamma = min(churn / S, math.sqrt(2) - 1) * ((level >= tmin) & (level <= tmax) & (alpha[:-1] > 0))
+        hat = torch.minimum(level * (1 + gamma), top)
+        raised = hat > level
+        t_hat = times.to(torch.float64) if raised.any() else times
+        if raised.any():
+            lam = -hat.log() if process.ode_form == "ve" else torch.log1p(-hat) - hat.log()
+            t_hat = torch.where(raised, process.time_of_log_snr(lam), t_hat)
+        a_hat, s_hat = process.marginal(t_hat.to(torch.float64))
+        level_hat, scale_hat = process.noise_level(t_hat.to(torch.float64))
+        r = torch.where(raised, a_hat / alpha[:-1], 1.0)
+        # step k calls the model at t_hat_k and, but on the last step, at t_{k+1}
+        self.evals = torch.stack([t_hat, torch.cat([times[1:].to(t_hat.dtype), t_hat[:1]])], 1).flatten()[:2 * S - 1]
+        self.S, self.raised = S, raised.tolist()
+        self.r, self.n = r.tolist(), (s_hat ** 2 - r ** 2 * sigma[:-1] ** 2).clamp(min=0).sqrt().mul(s_noise).tolist()
+        self.level_hat, self.scale_hat = level_hat.tolist(), scale_hat.tolist()
+        self.level, self.scale = level.tolist() + [0.0], scale.tolist() + [1.0]
+
+    def to(self, device):
+        return self
+
+    def calls(self, k):
+        return 1 if k == self.S - 1 else 2
+
+    def reset(self):
+        pass
+
+    def __call__(self, x, k, denoise, noise, last):
+        if self.raised[k]:
+            x = self.r[k] * x + self.n[k] * noise()
+        x0 = denoise(x, 2 * k)
+        if k == self.S - 1:  # Euler into level 0: y + (0 - l) (y - x0_hat) / l = x0_hat
+            return x0
+        y, h = x / self.scale_hat[k], self.level[k + 1] - self.level_hat[k]
+        d = (y - x0) / self.level_hat[k]
+        y_next = y + h * d
+        d_next = (y_next - denoise(self.scale[k + 1] * y_next, 2 * k + 1)) / self.level[k + 1]
+        return self.scale[k + 1] * (y + h / 2 * (d + d_next))
+
 # ----------------------------------------------------------------------------------------------
 # a diffusion process: the loss and every sampler, written once (Song et al. 2021)
 
@@ -759,8 +847,9 @@ class ScoreSDE(nn.Module):
     model_time_scale = 1.0
     variance_preserving = False  # alpha_t^2 + sigma_t^2 = 1
     prior_std = 1.0
-    spacings = ("time", "lambda")
+    spacings = ("time", "lambda", "karras")
     default_spacing = "time"
+    ode_form = "ve"  # the samplers' noise level and scale (noise_level): sigma / alpha and alpha
     default_order = 2  # dpm_solver_sample's order when none is given: the lower FD by mnist_fd at 10 calls
     autoguidance = 2.0  # sample.py's default autoguidance weight (docs/guidance.md: measured on MNIST)
 
@@ -846,13 +935,14 @@ class ScoreSDE(nn.Module):
 
     # -- time grids ------------------------------------------------------------------------------
 
-    def time_grid(self, steps, spacing=None, start=None):
+    def time_grid(self, steps, spacing=None, start=None, rho=RHO):
         """`steps` model-call times from the noise end down, on the CPU: "time" evenly spaced in t from
         t_start to t_end, "lambda" evenly spaced in lambda = log(alpha / sigma) from lambda(t_start) to
-        lambda(t_end) (Lu et al. 2022's logSNR steps), both float64. The samplers step from the last one
+        lambda(t_end) (Lu et al. 2022's logSNR steps), "karras" evenly spaced in the noise level to the power
+        1 / rho (Karras et al. 2022, eq. 5; noise_level), all float64. The samplers step from the last one
         to the clean image, where they return x0_hat. start (SDEdit's t_0, Meng et al. 2022): the grid
         squeezed linearly in t into [t_end, start] (Diffusion's integer grids rounded, repeats dropped)."""
-        times = self._grid_times(steps, spacing)
+        times = self._grid_times(steps, spacing, rho)
         if start is None or start == self.t_start:
             return times
         if not self.t_end <= start <= self.t_start:
@@ -860,7 +950,7 @@ class ScoreSDE(nn.Module):
         squeezed = self.t_end + (times.double() - self.t_end) * (start - self.t_end) / (self.t_start - self.t_end)
         return squeezed if times.is_floating_point() else squeezed.round().long().unique_consecutive()
 
-    def _grid_times(self, steps, spacing):
+    def _grid_times(self, steps, spacing, rho=RHO):
         spacing = spacing or self.default_spacing
         if spacing not in self.spacings:
             raise ValueError(f"unknown spacing {spacing!r} for {type(self).__name__}; valid: {', '.join(self.spacings)}")
@@ -869,9 +959,26 @@ class ScoreSDE(nn.Module):
         ends = torch.tensor([self.t_start, self.t_end], dtype=torch.float64)
         if spacing == "time" or steps == 1:
             return torch.linspace(*ends.tolist(), steps, dtype=torch.float64)
-        times = self.time_of_log_snr(torch.linspace(*self.log_snr(ends).tolist(), steps, dtype=torch.float64))
+        if spacing == "karras":
+            if not (math.isfinite(rho) and rho > 0):
+                raise ValueError(f"rho must be a positive number, got {rho}")
+            top, low = self.noise_level(ends)[0] ** (1 / rho)
+            level = (top + torch.linspace(0, 1, steps, dtype=torch.float64) * (low - top)) ** rho
+            lam = -level.log() if self.ode_form == "ve" else torch.log1p(-level) - level.log()
+        else:
+            lam = torch.linspace(*self.log_snr(ends).tolist(), steps, dtype=torch.float64)
+        times = self.time_of_log_snr(lam)
         times[[0, -1]] = ends  # exactly, not to the bisection's last bit
         return times
+
+    def noise_level(self, t):
+        """(level, scale) of the samplers that step in a noise level (Karras et al. 2022): x / scale = a x_0 +
+        level eps with dx/dlevel = (x - x0_hat) / level along the probability-flow ODE. ode_form "ve": level =
+        sigma / alpha, scale = alpha (a = 1; their sigma(t) = t, s(t) = 1); "flow": level = sigma / (alpha +
+        sigma), scale = alpha + sigma (a = 1 - level, the straight path: finite where alpha = 0)."""
+        alpha, sigma = self.marginal(t)
+        scale = alpha if self.ode_form == "ve" else alpha + sigma
+        return sigma / scale, scale
 
     def log_snr(self, t):
         """lambda_t = log(alpha_t / sigma_t), decreasing in t."""
@@ -903,44 +1010,46 @@ class ScoreSDE(nn.Module):
 
     def run_grid(self, model, x, times, coefficients, clip_x0=True, generator=None, return_trajectory=False,
                  progress=None, hook=None, path=None, restart=None):
-        """The loop of every fixed-step sampler: at grid point k, eps_hat = model(x, t_k), x0_hat (the model's own
-        where it has one, predicts_x0; clipped to [-1, 1] with clip_x0), then
-        x <- c[k] x + sum_j w[k, j] x0_hat_{k-j} + s[k] z from the table
-        `coefficients` = (c, w, s), no noise on the last step. hook(x, k, alpha_k, sigma_k) -> x runs before
-        the model call at point k and at the end (k = S, the clean image: alpha 1, sigma 0). `path`, the grid
-        points visited (0 .. S by default), may step back from k to j < k: a draw of q(x_j | x_k), the forward
-        process (Lugmayr et al. 2022), after which a multistep table restarts its order: restart, the weights w
-        of the same sampler at orders 1 .. M - 1, is used while the history holds fewer than M points.
-        progress(i, n) after each model call. Returns x_0, or (x_0, [x_T, ...,
-        x_0])."""
+        """The loop of every fixed-step sampler. `coefficients` is a table (c, w, s): at grid point k, eps_hat =
+        model(x, t_k), x0_hat (the model's own where it has one, predicts_x0; clipped to [-1, 1] with clip_x0),
+        then x <- c[k] x + sum_j w[k, j] x0_hat_{k-j} + s[k] z, no noise on the last step; restart, the weights
+        w of the same sampler at orders 1 .. M - 1, serves while the history holds fewer than M points. Or it
+        is a step (HeunStep): an object with `evals`, the times it calls the model at, `calls(k)` and
+        step(x, k, denoise, noise, last) -> x at the next point, where denoise(x, e) is x0_hat at evals[e].
+        hook(x, k, alpha_k, sigma_k) -> x runs before step k and at the end (k = S, the clean image: alpha 1,
+        sigma 0). `path`, the grid points visited (0 .. S by default), may step back from k to j < k: a draw of
+        q(x_j | x_k), the forward process (Lugmayr et al. 2022), after which a multistep table restarts its
+        order. progress(i, n) after each step, counting model calls. Returns x_0, or (x_0, [x_T, ..., x_0])."""
         alpha, sigma = self._grid(times)
         ends = list(zip(alpha.tolist(), sigma.tolist()))
         S, device = len(times), x.device
-        t = self.model_time(times).to(device)
-        inv_alpha, sigma_over_alpha = (v.float().to(device) for v in (1 / alpha[:-1], sigma[:-1] / alpha[:-1]))
-        c, w, s = (v.float().to(device) for v in coefficients)
-        restart = [v.float().to(device) for v in restart or ()]
-        noisy, direct = bool((coefficients[2][:-1] > 0).any()), predicts_x0(model)
+        step = coefficients if hasattr(coefficients, "evals") else TableStep(times, coefficients, restart)
+        evals = step.evals
+        t = self.model_time(evals).to(device)
+        a, s = self.marginal(evals.to(torch.float64))
+        inv_alpha, sigma_over_alpha = (v.float().to(device) for v in (1 / a, s / a))
+        step = step.to(device)
+        direct = predicts_x0(model)
+
+        def denoise(x, e):  # x0_hat at evals[e]
+            if direct:
+                x0 = model.predict(x, t[e].expand(x.shape[0]))[0]
+            else:
+                x0 = inv_alpha[e] * x - sigma_over_alpha[e] * model(x, t[e].expand(x.shape[0]))
+            return x0.clamp(-1, 1) if clip_x0 else x0
+
+        noise = lambda: randn(x.shape, generator, device)
         path = list(range(S + 1)) if path is None else list(path)
-        calls, done, history, trajectory = sum(j > i for i, j in zip(path, path[1:])), 0, [], [x]
+        calls, done, trajectory = sum(step.calls(i) for i, j in zip(path, path[1:]) if j > i), 0, [x]
         for i, j in zip(path, path[1:]):
-            if j < i:  # back to the noisier point j through the forward process; the history is void, and
-                # the steps after it take the lower orders' rows (restart) until it fills again
+            if j < i:  # back to the noisier point j through the forward process; a multistep history is void
                 r = (alpha[j] / alpha[i]).item()
-                x, history = r * x + (sigma[j] ** 2 - r ** 2 * sigma[i] ** 2).sqrt().item() * randn(
-                    x.shape, generator, device), []
+                x = r * x + (sigma[j] ** 2 - r ** 2 * sigma[i] ** 2).sqrt().item() * noise()
+                step.reset()
             else:
                 x = hook(x, i, *ends[i]) if hook else x
-                if direct:
-                    x0 = model.predict(x, t[i].expand(x.shape[0]))[0]
-                else:
-                    x0 = inv_alpha[i] * x - sigma_over_alpha[i] * model(x, t[i].expand(x.shape[0]))
-                history = [x0.clamp(-1, 1) if clip_x0 else x0, *history[:w.shape[1] - 1]]
-                row = w[i] if len(history) == w.shape[1] or not restart else restart[len(history) - 1][i]
-                x = c[i] * x + sum(row[k] * m for k, m in enumerate(history))
-                if noisy and j < S:  # no noise at the last step: x_0 is the mean
-                    x = x + s[i] * randn(x.shape, generator, device)
-                done += 1
+                x = step(x, i, denoise, noise, last=j == S)
+                done += step.calls(i)
                 if progress:
                     progress(done, calls)
             if return_trajectory:
@@ -952,35 +1061,39 @@ class ScoreSDE(nn.Module):
 
     @torch.inference_mode()
     def ddpm_sample(self, model, shape=None, x_T=None, variance="beta", clip_x0=True, generator=None,
-                    return_trajectory=False, progress=None, steps=None, spacing=None, start=None, **loop):
+                    return_trajectory=False, progress=None, steps=None, spacing=None, start=None, rho=RHO, **loop):
         """Ancestral sampling, Ho et al. Algorithm 2, over the process's own chain (Diffusion: all T steps;
         VESDE: 1000 noise levels), or respaced to `steps` calls on time_grid(steps, spacing) as improved-
         diffusion's respacing. variance: sigma_t^2 = beta_t ("beta") or beta-tilde_t ("posterior");
         clip_x0 clips x0_hat to [-1, 1]. `generator` (or one per sample) lives on the sampling device.
         start: the time x_T is at (SDEdit's t_0; see time_grid); **loop: run_grid's hook and path."""
-        times = self.time_grid(steps, spacing, start) if steps is not None else self.chain(start)
+        times = self.time_grid(steps, spacing, start, rho) if steps is not None else self.chain(start)
         x = self._start(shape, x_T, generator)
         return self.run_grid(model, x, times, ddpm_coefficients(*self._grid(times), variance), clip_x0, generator,
                              return_trajectory, progress, **loop)
 
     @torch.inference_mode()
     def ddim_sample(self, model, shape=None, x_T=None, steps=50, eta=0.0, clip_x0=True, generator=None,
-                    return_trajectory=False, progress=None, spacing=None, start=None, **loop):
+                    return_trajectory=False, progress=None, spacing=None, start=None, rho=RHO, **loop):
         """DDIM sampling (Song et al. 2020 eq. 12) over time_grid(steps, spacing, start); eta = 0 is deterministic,
-        eta = 1 with every step of Ho et al.'s chain is DDPM with beta-tilde. Returns as ddpm_sample."""
-        times = self.time_grid(steps, spacing, start)
+        eta = 1 with every step of Ho et al.'s chain is DDPM with beta-tilde. It is also Euler's method in the
+        noise level (Karras et al. 2022; noise_level) at eta = 0, and k-diffusion's Euler-ancestral with the
+        same eta (its step to sigma_down, then noise of std sigma_up). Returns as ddpm_sample."""
+        times = self.time_grid(steps, spacing, start, rho)
         x = self._start(shape, x_T, generator)
         return self.run_grid(model, x, times, ddim_coefficients(*self._grid(times), eta), clip_x0, generator,
                              return_trajectory, progress, **loop)
 
     @torch.inference_mode()
-    def dpm_solver_sample(self, model, shape=None, x_T=None, steps=20, order=None, spacing=None, clip_x0=True,
-                          eta=0.0, generator=None, return_trajectory=False, progress=None, start=None, **loop):
+    def dpm_solver_sample(self, model, shape=None, x_T=None, steps=10, order=None, spacing=None, clip_x0=True,
+                          eta=1.0, generator=None, return_trajectory=False, progress=None, start=None, rho=RHO,
+                          **loop):
         """DPM-Solver++ multistep (Lu et al. 2022b): one model call per step over time_grid(steps, spacing).
-        order 1 is DDIM (eta = 0), 2 is DPM-Solver++(2M), 3 is 3M, None the process's default_order; eta = 1 is
-        SDE-DPM-Solver++ on the reverse SDE (dpm_solver_coefficients). clip_x0 clips each x0_hat (thresholding).
-        Returns as ddpm_sample."""
-        times = self.time_grid(steps, spacing, start)
+        order 1 is DDIM (eta = 0), 2 is DPM-Solver++(2M), 3 is 3M, None the process's default_order; eta = 1,
+        the default, is SDE-DPM-Solver++ on the reverse SDE (dpm_solver_coefficients; the lower FD-wide on MNIST,
+        docs/samplers.md), eta = 0 the ODE solver. clip_x0 clips each x0_hat (thresholding). Returns as
+        ddpm_sample."""
+        times = self.time_grid(steps, spacing, start, rho)
         order = order or self.default_order
         x = self._start(shape, x_T, generator)
         tables = [dpm_solver_coefficients(*self._grid(times), q, eta, lower_order_final=bool(times[-1] == self.t_end))
@@ -989,8 +1102,21 @@ class ScoreSDE(nn.Module):
                              restart=[t[1] for t in tables[:-1]], **loop)
 
     @torch.inference_mode()
+    def heun_sample(self, model, shape=None, x_T=None, steps=10, spacing="karras", churn=0.0, tmin=0.0,
+                    tmax=math.inf, s_noise=1.0, clip_x0=True, generator=None, return_trajectory=False,
+                    progress=None, start=None, rho=RHO, **loop):
+        """Karras et al. 2022's sampler (Algorithm 2; HeunStep) over time_grid(steps, spacing, start, rho), the
+        Karras grid by default: 2 steps - 1 model calls. churn = 0 is their deterministic Algorithm 1; their
+        S_churn, S_tmin, S_tmax and S_noise are churn, tmin and tmax (noise levels) and s_noise."""
+        times = self.time_grid(steps, spacing, start, rho)
+        x = self._start(shape, x_T, generator)
+        return self.run_grid(model, x, times, HeunStep(self, times, churn, tmin, tmax, s_noise), clip_x0, generator,
+                             return_trajectory, progress, **loop)
+
+    @torch.inference_mode()
     def sde_sample(self, model, shape=None, x_T=None, steps=500, corrector_steps=0, snr=0.16, generator=None,
-                   return_trajectory=False, progress=None, spacing="time", start=None, clip_x0=False, **loop):
+                   return_trajectory=False, progress=None, spacing="time", start=None, clip_x0=False, rho=RHO,
+                   **loop):
         """Euler-Maruyama on the reverse SDE (euler_maruyama_coefficients) over `steps` times evenly spaced
         from t_start to t_end; the last call returns E[x_0 | x] without noise. corrector_steps >= 1 runs
         that many Langevin steps before each predictor step (PC, Song et al. Algorithms 4-5), of size
@@ -999,7 +1125,7 @@ class ScoreSDE(nn.Module):
         """
         if steps < 2:
             raise ValueError(f"steps must be at least 2, got {steps}")
-        times = self.time_grid(steps, spacing, start)
+        times = self.time_grid(steps, spacing, start, rho)
         x = self._start(shape, x_T, generator)
         alpha, sigma = self._grid(times)
         f, g2 = self.sde(times)
@@ -1361,11 +1487,12 @@ class Diffusion(ScoreSDE):
         """Ho et al.'s chain: every timestep, T-1 (or start) down to 0."""
         return self.time_grid(self.T, "linspace", start)
 
-    def _grid_times(self, steps, spacing):
-        """As ScoreSDE's, and the integer spacings of ddim_timesteps (SPACINGS) as a LongTensor."""
+    def _grid_times(self, steps, spacing, rho=RHO):
+        """As ScoreSDE's (float times, read through the interpolation of marginal), and the integer spacings of
+        ddim_timesteps (SPACINGS) as a LongTensor."""
         if (spacing or self.default_spacing) in SPACINGS:
             return torch.tensor(self.ddim_timesteps(steps, spacing or self.default_spacing)).flip(0)
-        return super()._grid_times(steps, spacing)
+        return super()._grid_times(steps, spacing, rho)
 
     def respaced(self, timesteps):
         """The process on the kept `timesteps` (ascending) alone, improved-diffusion's respacing:
@@ -1479,7 +1606,8 @@ class FlowMatching(ScoreSDE):
     options = ("time_density", "logit_mean", "logit_scale")
     densities = ("logit-normal", "uniform")
     model_time_scale = 1000.0
-    spacings = ("shifted", "time")  # lambda = log((1 - t) / t) is -inf at the noise end
+    spacings = ("shifted", "time", "karras")  # lambda = log((1 - t) / t) is -inf at the noise end
+    ode_form = "flow"  # sigma / alpha is infinite at the noise end; t is the flow's own noise level
     default_spacing = "shifted"  # FD-wide 38 against 82 on "time" at 10 calls on MNIST (docs/sde.md)
     autoguidance = 2.5
     t_start = 1.0
@@ -1523,11 +1651,11 @@ class FlowMatching(ScoreSDE):
     def chain(self, start=None):
         return self.time_grid(1000, "time", start)
 
-    def _grid_times(self, steps, spacing):
+    def _grid_times(self, steps, spacing, rho=RHO):
         """As ScoreSDE's, and "shifted": evenly spaced u mapped to t = s u / (1 + (s - 1) u), s = shift (Esser et
         al. 2024, eq. 23; SD3 samples with s = 3), which spends more of the steps near the noise end."""
         if (spacing or self.default_spacing) != "shifted":
-            return super()._grid_times(steps, spacing)
+            return super()._grid_times(steps, spacing, rho)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         s, end = self.shift, self.t_end
@@ -1549,6 +1677,49 @@ class FlowMatching(ScoreSDE):
 # a run of train.py, loaded with torch alone
 
 PROCESSES = {cls.name: cls for cls in (Diffusion, VESDE, FlowMatching)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the samplers by name: sample.py's --sampler, train.py's grids, bench.py and the tests read this table
+
+
+class Sampler(NamedTuple):
+    """A sampler by name: the process's method that runs it and the settings that make it this sampler over
+    the method's own defaults (fixed). calls(options) is its model calls for the full options (None where
+    adaptive); fills: it takes run_grid's hook (inpainting) and path (RePaint)."""
+    method: str
+    summary: str
+    fixed: dict = {}
+    calls: Optional[Callable] = lambda o: o["steps"]
+    fills: bool = True
+
+    def defaults(self):
+        """Every setting with its default: the method's keyword defaults, fixed over them."""
+        params = inspect.signature(getattr(ScoreSDE, self.method)).parameters
+        return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty} | self.fixed
+
+
+SAMPLERS = {
+    "ddpm": Sampler("ddpm_sample", "ancestral sampling (Ho et al. 2020), respaced with --steps",
+                    calls=lambda o: o["steps"] or None),
+    "ddim": Sampler("ddim_sample", "DDIM (Song et al. 2020); at eta 0 Euler in the noise level"),
+    "euler-a": Sampler("ddim_sample", "Euler-ancestral (k-diffusion): DDIM with eta 1", {"eta": 1.0, "steps": 10}),
+    "dpm++": Sampler("dpm_solver_sample", "DPM-Solver++ 2M/3M (Lu et al. 2022b); eta 1 its SDE form"),
+    "heun": Sampler("heun_sample", "Heun on the Karras grid (Karras et al. 2022, Alg. 2)",
+                    calls=lambda o: 2 * o["steps"] - 1),
+    "em": Sampler("sde_sample", "Euler-Maruyama on the reverse SDE (Song et al. 2021)",
+                  calls=lambda o: o["steps"] * (1 + o["corrector_steps"])),
+    "pc": Sampler("sde_sample", "predictor-corrector (Song et al. 2021, Alg. 4-5)", {"corrector_steps": 1},
+                  calls=lambda o: o["steps"] * (1 + o["corrector_steps"])),
+    "ode": Sampler("ode_sample", "adaptive RK45 on the probability-flow ODE", calls=None, fills=False),
+}
+
+
+def sample(process, model, sampler="dpm++", shape=None, **options):
+    """Samples of `process` by SAMPLERS[sampler] with its defaults, `options` over them (the method's keywords,
+    e.g. x_T, steps, eta, generator, hook): what the command line and the training grids call."""
+    spec = SAMPLERS[sampler]
+    return getattr(process, spec.method)(model, shape, **(spec.fixed | options))
 
 
 def make_process(cfg):

@@ -42,8 +42,10 @@ import fid
 from cli import UserError
 
 SPACINGS = tuple(dict.fromkeys(s for p in ddpm.PROCESSES.values() for s in p.spacings))  # every process's
-# --steps by sampler (ddpm: the whole chain); dpm++ 10: on MNIST FD-wide 72 at 10 against 91 at 20 (docs/guidance.md)
-STEPS = {"ddpm": None, "ddim": 50, "dpm++": 10, "em": 500, "pc": 500}
+# the samplers' settings on the command line (their keywords in ddpm; defaults: ddpm.SAMPLERS, docs/samplers.md)
+SAMPLER_OPTIONS = ("steps", "spacing", "rho", "eta", "order", "variance", "corrector_steps", "snr", "churn", "tmin",
+                   "tmax", "s_noise")
+INVERSION_STEPS = ddpm.SAMPLERS["ddim"].defaults()["steps"]  # DDIM inversion's grid when --steps is not given
 REPAINT_STEPS, JUMP = 250, 10  # --resample without --steps or --jump: Lugmayr et al.'s 250 steps, jumps of 10
 RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
 # Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
@@ -160,26 +162,31 @@ def same_process(a, b):
 # sampling
 
 
+def sampler_options(args):
+    """The settings given for --sampler, as its method's keywords; one that it does not take is refused."""
+    takes, options = ddpm.SAMPLERS[args.sampler].defaults(), {}
+    for key in SAMPLER_OPTIONS:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in takes:
+            flag = key.replace("_", "-")
+            users = [n for n, s in ddpm.SAMPLERS.items() if key in s.defaults()]
+            raise UserError(f"--{flag}: --sampler {args.sampler} takes no {flag} (it applies to {', '.join(users)})")
+        options[key] = value
+    return options
+
+
 def sample_batch(args, process, model, shape, x_T, generator, trajectory, progress, **loop):
-    """One batch from the sampler --sampler: (x, trajectory or None). loop: run_grid's hook and path."""
-    kw = dict(x_T=x_T, generator=generator, progress=progress, start=args.start)
-    steps = args.steps or STEPS.get(args.sampler)
-    spacing = {"spacing": args.spacing} if args.spacing else {}
+    """One batch from the sampler --sampler (ddpm.sample): (x, trajectory or None). loop: run_grid's hook and
+    path. x0_hat is clipped to [-1, 1] on every sampler."""
+    kw = dict(x_T=x_T, generator=generator, progress=progress, start=args.start, clip_x0=True)
     if args.sampler == "ode":
-        x, nfe = process.ode_sample(model, shape, rtol=args.rtol, atol=args.atol, clip_x0=True, **kw)
+        x, nfe = ddpm.sample(process, model, "ode", shape, rtol=args.rtol, atol=args.atol, **kw)
         print(f"ode: {nfe} model calls", file=sys.stderr)
         return x, None
-    kw.update(return_trajectory=trajectory, **loop)
-    if args.sampler == "ddpm":
-        out = process.ddpm_sample(model, shape, variance=args.variance, steps=steps, **spacing, **kw)
-    elif args.sampler == "ddim":
-        out = process.ddim_sample(model, shape, steps=steps, eta=args.eta, **spacing, **kw)
-    elif args.sampler == "dpm++":
-        out = process.dpm_solver_sample(model, shape, steps=steps, order=args.order, eta=args.eta, **spacing, **kw)
-    else:
-        corrector = args.corrector_steps if args.corrector_steps is not None else int(args.sampler == "pc")
-        out = process.sde_sample(model, shape, steps=steps, corrector_steps=corrector, snr=args.snr, clip_x0=True,
-                                 **kw)
+    out = ddpm.sample(process, model, args.sampler, shape, return_trajectory=trajectory, **sampler_options(args),
+                      **kw, **loop)
     return out if trajectory else (out, None)
 
 
@@ -227,7 +234,6 @@ def sample_and_write(args, process, net, cfg, procs, inception, ref, nearest):
                 for _ in range(2))
         x_T = slerp(a.expand(args.n, -1, -1, -1), b.expand(args.n, -1, -1, -1),
                     torch.linspace(0, 1, args.n, device=device).reshape(-1, 1, 1, 1))
-        args.sampler, args.eta = "ddim", 0.0  # deterministic decoding: a smooth path
     labels = labels_for(args, cfg, args.n) if cfg["class_cond"] else None
     empty = torch.zeros((0, m["in_channels"], m["image_size"], m["image_size"]), dtype=torch.uint8)
     kept = {"grid": [empty], "rows": [], "all": [], "feats": [torch.zeros((0, 2048), dtype=torch.float64)]}
@@ -302,7 +308,7 @@ def edit_batch(args, process, net, cfg, x0, keep, gens, labels, progress=None):
         return sample_batch(args, process, model, x0.shape, None, gens, False, progress)[0]
     t0 = torch.full((len(x0),), edit_start(args, process), device=x0.device)
     if args.edit_by == "inversion":  # DDIM-invert to t_0 by the plain (unconditional) model; decode with the sampler
-        x_t = process.ddim_invert(net, x0, steps=STEPS["ddim"], start=t0[0].item())
+        x_t = process.ddim_invert(net, x0, steps=INVERSION_STEPS, start=t0[0].item())
     else:
         x_t = process.q_sample(x0, t0 if t0.is_floating_point() else t0.long(), ddpm.randn(x0.shape, gens, x0.device))
     return sample_batch(args, process, model, x0.shape, x_t, gens, False, progress)[0]
@@ -398,7 +404,7 @@ def variational_bound(args, cfg, process, net):
     for i in range(0, len(images), args.batch_size):
         x0 = images[i:i + args.batch_size].to(device).float() / 127.5 - 1
         model = guided(args, net, cfg, None if labels is None else labels[i:i + args.batch_size], process)
-        terms.append(process.vlb_bits_per_dim(model, x0, variance=args.variance, generator=g,
+        terms.append(process.vlb_bits_per_dim(model, x0, variance=args.variance or "beta", generator=g,
                                               progress=make_progress(f"vlb {i + 1}-{i + len(x0)}")))
     values = {k: torch.cat([t[k].cpu() for t in terms]) for k in ("total", "prior", "kl", "decoder")}
     print(mean_and_error("VLB bits/dim", values["total"], f"(standard error, {len(images)} images; "
@@ -442,23 +448,29 @@ def parse_args(argv=None):
     a("run", metavar="RUN_OR_CKPT", help="a run folder of train.py or its ckpt.pt")
     a("--num-samples", "--n", dest="n", type=int, default=64, help="samples (--inpaint, --edit: results per image; "
                                                                    "--n: not under torchrun)")
-    a("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++", "em", "pc", "ode"),
-      help="em/pc/ode solve the reverse SDE / probability-flow ODE")
-    a("--steps", type=int, help="model calls; None: ddim 50, dpm++ 10, em/pc 500, ddpm the whole chain (fewer: "
-                                "respaced; with --resample 250)")
-    a("--spacing", choices=SPACINGS, help="time grid of ddpm/ddim/dpm++ (Diffusion: all; VE: time, lambda; "
-                                          "flow: time, shifted); None: the process's default")
+    a("--sampler", default="dpm++", choices=tuple(ddpm.SAMPLERS),
+      help="; ".join(f"{name}: {spec.summary}" for name, spec in ddpm.SAMPLERS.items()))
+    a("--steps", type=int, help="grid points (heun: 2 steps - 1 model calls; pc: 2 a step); None: " + ", ".join(
+        f"{name} {spec.defaults()['steps']}" for name, spec in ddpm.SAMPLERS.items() if spec.defaults().get("steps"))
+      + ", ddpm the whole chain (fewer: respaced; with --resample 250)")
+    a("--spacing", choices=SPACINGS, help="time grid (Diffusion: all; VE: time, lambda, karras; flow: shifted, time, "
+                                          "karras); None: the sampler's (heun: karras) or the process's default")
+    a("--rho", type=float, help="--spacing karras: rho of Karras et al. 2022's grid; None: 7")
     a("--shift", type=float, help="flow runs, --spacing shifted: s of t = s u / (1 + (s - 1) u) over even u "
                                    "(Esser et al. 2024); None: the process's (3)")
     a("--order", type=int, choices=(1, 2, 3), help="dpm++: DPM-Solver++ order (2M, 3M); None: the process's "
                                                    "default, 3 for DDPM runs, 2 for VE and flow (docs/samplers.md)")
     a("--corrector-steps", type=int, help="em/pc: Langevin corrector steps per step; None: 0 for em, 1 for pc")
-    a("--snr", type=float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
+    a("--snr", type=float, help="em/pc: the corrector's signal-to-noise ratio; None: 0.16")
+    a("--churn", type=float, help="heun: S_churn of Karras et al. 2022 (noise added and removed each step); None: 0")
+    a("--tmin", type=float, help="heun: churn only at noise levels >= S_tmin; None: 0")
+    a("--tmax", type=float, help="heun: churn only at noise levels <= S_tmax; None: inf")
+    a("--s-noise", type=float, help="heun: S_noise, the churn's noise scale; None: 1")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
-    a("--eta", type=float, help="ddim, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: SDE-DPM-Solver++); "
-                              "None: 1 for dpm++ (docs/samplers.md), else 0")
-    a("--variance", default="beta", choices=("beta", "posterior"), help="DDPM sigma_t^2")
+    a("--eta", type=float, help="ddim, euler-a, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: "
+                              "SDE-DPM-Solver++); None: 1 for dpm++ and euler-a (docs/samplers.md), 0 for ddim")
+    a("--variance", choices=("beta", "posterior"), help="ddpm and --vlb: DDPM sigma_t^2; None: beta")
     a("--class", dest="class_", metavar="CLASSES", help="class-conditional runs: 'all', or names or indices "
                                                        "such as 3 or 3,5,7; None: the data's class frequencies")
     a("--guidance", type=float, help="guidance weight s of eps_guide + s (eps - eps_guide): class-conditional runs "
@@ -539,10 +551,13 @@ def check_numbers(args):
                            ("rtol", lambda v: v >= 1e-6, "at least 1e-6 (float32 reaches no smaller tolerance)"),
                            ("atol", lambda v: v >= 1e-6, "at least 1e-6 (float32 reaches no smaller tolerance)"),
                            ("guidance", lambda v: v >= 0, "a number >= 0"),
-                           ("shift", lambda v: v > 0, "a number > 0"),
+                           ("shift", lambda v: v > 0, "a number > 0"), ("rho", lambda v: v > 0, "a number > 0"),
+                           ("churn", lambda v: v >= 0, "a number >= 0"), ("tmin", lambda v: v >= 0, "a number >= 0"),
+                           ("tmax", lambda v: v > 0 or v == math.inf, "a number > 0 (inf: no limit)"),
+                           ("s_noise", lambda v: v >= 0, "a number >= 0"),
                            ("recon_guidance", lambda v: v >= 0, "a number >= 0")):
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and ok(value)):
+        if value is not None and not ((math.isfinite(value) or name == "tmax" and value == math.inf) and ok(value)):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps", "resample", "jump"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
@@ -609,10 +624,11 @@ def check_modes(args, process):
         raise UserError(f"--{', --'.join(m for m in MODES if getattr(args, m))}: one at a time")
     if args.mask and not args.inpaint or args.inpaint and not args.mask:
         raise UserError("--mask goes with --inpaint" if args.mask else "--inpaint needs --mask (white: fill in)")
-    if args.inpaint and args.sampler == "ode":
-        raise UserError("--inpaint needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
-    if args.resample and (not args.inpaint or args.sampler != "ddpm"):
-        raise UserError("--resample (RePaint) resamples the ancestral sampler: --inpaint with --sampler ddpm")
+    fixed_step = ", ".join(name for name, spec in ddpm.SAMPLERS.items() if spec.fills)
+    if args.inpaint and not ddpm.SAMPLERS[args.sampler].fills:
+        raise UserError(f"--inpaint needs a fixed-step sampler ({fixed_step}), not the adaptive {args.sampler}")
+    if args.resample and not args.inpaint:
+        raise UserError("--resample (RePaint) resamples inpainting: give --inpaint and --mask")
     if args.resample:
         args.steps = args.steps or REPAINT_STEPS
         if args.jump >= args.steps:
@@ -621,16 +637,15 @@ def check_modes(args, process):
                                ("edit-by", args.edit_by != "noise", "--edit"), ("mix", args.mix != 0.5, "--invert")):
         if given and not getattr(args, needs[2:]):
             print(f"note: --{flag} has no effect without {needs}", file=sys.stderr)
-    if args.interpolate and (args.sampler, args.eta) != ("ddim", 0.0) and args.sampler != "dpm++":
-        print(f"note: --interpolate decodes with deterministic DDIM, not --sampler {args.sampler}", file=sys.stderr)
-    steps, T = args.steps or STEPS.get(args.sampler), getattr(process, "T", None)
-    if T is not None and steps is not None and steps > T and args.sampler in ("ddpm", "ddim", "dpm++"):
-        raise UserError(f"--steps {steps}: the run's chain has T = {T} steps; --{args.sampler} takes at most {T}")
+    defaults, T = ddpm.SAMPLERS[args.sampler].defaults(), getattr(process, "T", None)
+    steps, spacing = args.steps or defaults.get("steps"), args.spacing or defaults.get("spacing") or process.default_spacing
+    if T is not None and steps is not None and steps > T and spacing in ddpm.SPACINGS:
+        raise UserError(f"--steps {steps}: the run's chain has T = {T} steps; --spacing {spacing} takes at most {T}")
     if args.recon_guidance is not None and not args.inpaint:
         raise UserError("--recon-guidance guides inpainting: give --inpaint and --mask")
     if args.inpaint and args.recon_guidance is None:
         args.recon_guidance = RECON_GUIDANCE
-    if args.edit and args.edit_by == "inversion" and args.classes is None and (args.eta == 0 or args.sampler == "ode"):
+    if args.edit and args.edit_by == "inversion" and args.classes is None and deterministic(args):
         print("note: --edit-by inversion decoded deterministically gives the input back: decode with noise (--eta "
               "above 0; dpm++'s default is 1) or, on a class-conditional run, towards a --class", file=sys.stderr)
     if args.vlb and not hasattr(process, "vlb_bits_per_dim"):
@@ -643,20 +658,29 @@ def check_modes(args, process):
             process.shift = args.shift
     if args.spacing and args.spacing not in process.spacings:
         raise UserError(f"--spacing {args.spacing}: a {type(process).__name__} run has {', '.join(process.spacings)}")
-    if args.trajectory and args.sampler == "ode":
-        raise UserError("--trajectory needs a fixed-step sampler (ddpm, ddim, dpm++, em or pc), not the adaptive ode")
+    if args.trajectory and not ddpm.SAMPLERS[args.sampler].fills:
+        raise UserError(f"--trajectory needs a fixed-step sampler ({fixed_step}), not the adaptive {args.sampler}")
     if args.invert and args.classes is not None and len(args.classes) != 1:
         raise UserError("--invert with --class takes one class, for both images")
+
+
+def deterministic(args):
+    """Whether --sampler with its settings adds no noise on the way."""
+    settings = ddpm.SAMPLERS[args.sampler].defaults() | sampler_options(args)
+    return args.sampler == "ode" or settings.get("eta") == 0 or settings.get("churn") == 0
 
 
 def check_args(args, process, cfg):
     """Bad numbers, picture names, labels and options that do not apply to the run, as one line."""
     check_outputs(args)
     check_numbers(args)
-    if args.eta is None:
-        args.eta = 1.0 if args.sampler == "dpm++" else 0.0
+    if args.interpolate:  # deterministic decoding: a smooth path
+        if args.sampler not in ("ddim", "dpm++") or args.eta not in (None, 0):
+            print(f"note: --interpolate decodes with deterministic DDIM, not --sampler {args.sampler}", file=sys.stderr)
+        args.sampler, args.eta = "ddim", 0.0
     check_guidance(args, cfg, process)
     check_modes(args, process)
+    sampler_options(args)
     args.start = None
 
 
@@ -748,7 +772,7 @@ def invert_and_mix(args, process, net, cfg):
     """--invert: DDIM-invert two images, slerp their latents, decode (Song et al. 2020, section 5.4)."""
     m = cfg["model"]
     x0 = torch.cat([load_image(f, m["image_size"], m["in_channels"]) for f in args.invert]).to(process.device)
-    steps, spacing = args.steps or STEPS["ddim"], args.spacing
+    steps, spacing = args.steps or INVERSION_STEPS, args.spacing
     labels = None if args.classes is None else torch.tensor(args.classes * 3)
     x_T = process.ddim_invert(guided(args, net, cfg, None if labels is None else labels[:2], process), x0, steps=steps,
                               spacing=spacing, progress=make_progress("inverting"))

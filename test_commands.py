@@ -585,8 +585,9 @@ def test_a_ve_run_records_its_process_and_samples_with_every_sampler(tmp_path, v
     ckpt, model, _, process = cli.load_checkpoint(ve_run)
     assert isinstance(process, ddpm.VESDE) and process.sigma == 10 and ckpt["config"]["process"] == "ve"
     assert model.config["time_scale"] == 1000.0  # t in (0, 1] reaches the embedding as 0..1000
-    for sampler in ("ddpm", "ddim", "dpm++", "em", "pc", "ode"):
-        assert sample.main([str(ve_run), "--sampler", sampler, "--steps", "4", "--rtol", "1e-2", "--atol", "1e-2",
+    for sampler, spec in ddpm.SAMPLERS.items():  # every sampler of the registry is on the command line
+        steps = ["--steps", "4"] if "steps" in spec.defaults() else []
+        assert sample.main([str(ve_run), "--sampler", sampler, *steps, "--rtol", "1e-2", "--atol", "1e-2",
                             "--n", "2", "--grid", str(tmp_path / f"{sampler}.png")]) == 0
         assert Image.open(tmp_path / f"{sampler}.png").size == (2 * 18 + 2, 18 + 2)
     assert "model calls" in capsys.readouterr().err  # the ODE says what it cost
@@ -594,7 +595,10 @@ def test_a_ve_run_records_its_process_and_samples_with_every_sampler(tmp_path, v
     Image.open(tmp_path / "dpm++.png").crop((2, 2, 18, 18)).save(image)
     assert sample.main([str(ve_run), "--invert", str(image), str(image), "--grid", str(tmp_path / "inv.png")]) == 0
     capsys.readouterr()
-    for bad, says in ((["--vlb", "2"], "is a ve run"), (["--spacing", "trailing"], "VESDE run has time, lambda")):
+    for bad, says in ((["--vlb", "2"], "is a ve run"), (["--spacing", "trailing"], "VESDE run has time, lambda"),
+                      (["--churn", "1"], "--sampler dpm++ takes no churn (it applies to heun)"),
+                      (["--sampler", "ode", "--steps", "5"], "--sampler ode takes no steps"),
+                      (["--sampler", "heun", "--tmax", "-1"], "--tmax must be a number > 0")):
         assert sample.main([str(ve_run), *bad, "--grid", str(tmp_path / "no.png")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and not (tmp_path / "no.png").exists()
@@ -1081,7 +1085,7 @@ def test_masks_and_images_of_every_mode_and_size_load_or_fail_with_one_line(tmp_
                        ([*inp, "--mask", "middle"], "not one of lower-half"),
                        (["--mask", "center"], "--mask goes with --inpaint"), (inp, "--inpaint needs --mask"),
                        (["--inpaint", str(tmp_path / "colour.png"), "--mask", "center"], "a colour image"),
-                       ([*inp, "--mask", "center", "--resample", "2"], "--sampler ddpm"),
+                       ([*inp, "--mask", "center", "--resample", "2"], "T = 50 steps; --spacing linspace takes at most 50"),
                        ([*inp, "--mask", "center", "--sampler", "ode"], "not the adaptive ode"),
                        ([*inp, "--mask", "center", "--recon-guidance", "-1"], "--recon-guidance must be a number >= 0"),
                        (["--recon-guidance", "2"], "--recon-guidance guides inpainting"),

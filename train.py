@@ -392,7 +392,7 @@ def draw(cfg, model, process, shape, generator, labels=None):
     net = ddpm.sampling_model(model, process, cfg)
     if labels is not None:
         net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"], process=process)
-    return process.dpm_solver_sample(net, shape, steps=cfg["sample_steps"], eta=1.0, generator=generator)
+    return ddpm.sample(process, net, "dpm++", shape, steps=cfg["sample_steps"], generator=generator)
 
 
 def lr_at(step, cfg, total):
