@@ -397,6 +397,14 @@ def eps_distance(eps, noise, loss_type, weight=None, reduction="mean"):
 
 
 PREDICTIONS = ("eps", "v", "x0", "velocity")
+ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0  # Geng et al. 2024's mapping: q = 2 halves t - r each stage; n(t) = 1 + 8 sigmoid(-t)
+
+
+def ect_ratio(level, stage, q=ECT_Q, k=ECT_K, b=ECT_B):
+    """r / t of Easy Consistency Tuning's mapping (Geng et al. 2024, sec. 3): 1 - n(t) / q^(stage + 1) with
+    n(t) = 1 + k sigmoid(-b t), at least 0 (r = 0: the denoising target), in the noise level t = sigma / alpha of
+    Karras et al. 2022 (inf at alpha = 0, where n = 1)."""
+    return (1 - (1 + k * torch.sigmoid(-b * level)) / q ** (stage + 1)).clamp(min=0)
 
 
 def from_prediction(kind, out, x, alpha, sigma):
@@ -643,6 +651,7 @@ def odeint(f, y, t0, t1, rtol=1e-5, atol=1e-5, progress=None):
 
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")  # Diffusion's grids of integer timesteps
 RHO = 7.0  # the Karras grid's rho (Karras et al. 2022, eq. 5: their choice for every data set)
+CM_MIDDLE = 0.8  # cm_sample's first middle noise level sigma / alpha (docs/consistency.md)
 
 
 def _pairs(alpha, sigma):
@@ -933,6 +942,37 @@ class ScoreSDE(nn.Module):
         x_t = self.q_sample(x0, t, noise)
         return eps_distance(model(x_t, t) if y is None else model(x_t, t, y), target, loss_type, weight, reduction)
 
+    def consistency_loss(self, model, x0, stage, loss_type="l2", t=None, noise=None, prediction="eps", min_snr=None,
+                         reduction="mean", y=None):
+        """Easy Consistency Tuning (Geng et al. 2024): the model's x0_hat at x_t = alpha_t x0 + sigma_t eps is pulled
+        towards its own x0_hat at x_r = alpha_r x0 + sigma_r eps (the same eps; no gradient, the same dropout),
+        r < t from ect_ratio at `stage` (stage None: r = 0, where the target is x0 itself). The target enters the
+        denoising loss in the network's own prediction (prediction_target at x_t), so at r = 0 this is `loss` on
+        the same t and noise; the weight 1 / (1 - r/t) is ECT's 1 / (t - r) relative to its value at r = 0, on the
+        squared distance of loss_type (ECT divides the distance's norm; see docs/consistency.md)."""
+        if x0.ndim != 4:
+            raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
+        t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        alpha, sigma = self.marginal_at(t)
+        a, s = _column(alpha, x0), _column(sigma, x0)
+        x_t = self.q_sample(x0, t, noise)
+        target_x0, ratio = x0, torch.zeros_like(alpha)
+        if stage is not None:
+            ratio = ect_ratio((sigma / alpha).float(), stage)
+            r = self.time_of_log_snr(self.log_snr(t.float()) - ratio.log())  # lambda_r = lambda_t - log(r / t)
+            a_r, s_r = (_column(v, x0) for v in self.marginal(r))
+            with torch.no_grad(), torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
+                x_r = a_r * x0 + s_r * noise
+                out = model(x_r, r) if y is None else model(x_r, r, y)
+                own = from_prediction(prediction, out.float(), x_r, a_r, s_r)[0]
+            target_x0 = torch.where(_column(ratio, x0) > 0, own, x0)
+        target = prediction_target(prediction, target_x0, (x_t - a * target_x0) / s, a, s)
+        weight = 1 / (1 - ratio)
+        if min_snr is not None:
+            weight = weight * ((alpha / sigma) ** 2).clamp(max=min_snr) / x0_weight(prediction, alpha, sigma)
+        return eps_distance(model(x_t, t) if y is None else model(x_t, t, y), target, loss_type, weight, reduction)
+
     # -- time grids ------------------------------------------------------------------------------
 
     def time_grid(self, steps, spacing=None, start=None, rho=RHO):
@@ -1112,6 +1152,25 @@ class ScoreSDE(nn.Module):
         x = self._start(shape, x_T, generator)
         return self.run_grid(model, x, times, HeunStep(self, times, churn, tmin, tmax, s_noise), clip_x0, generator,
                              return_trajectory, progress, **loop)
+
+    @torch.inference_mode()
+    def cm_sample(self, model, shape=None, x_T=None, steps=2, middle=CM_MIDDLE, clip_x0=True, generator=None,
+                  return_trajectory=False, progress=None, start=None, **loop):
+        """The consistency models' multistep sampler (Song et al. 2023, Algorithm 1): x0_hat from x_T, then at each
+        middle noise level sigma / alpha (middle, middle / 4, middle / 16, ...: steps - 1 of them) a fresh draw
+        x = alpha x0_hat + sigma z and x0_hat again: `steps` model calls, for a model tuned by consistency_loss.
+        As a table: c = 0, w = alpha_{k+1}, s = sigma_{k+1}. start: the time x_T is at (SDEdit)."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        top = self.t_start if start is None else start
+        levels = middle * 4.0 ** -torch.arange(steps - 1, dtype=torch.float64)
+        times = torch.cat([torch.tensor([top], dtype=torch.float64), self.time_of_log_snr(-levels.log())])
+        if not (times.diff() < 0).all():
+            raise ValueError(f"the middle noise levels {levels.tolist()} must lie below the start's")
+        alpha, sigma = self._grid(times)
+        x = self._start(shape, x_T, generator)
+        table = torch.zeros(steps, dtype=torch.float64), alpha[1:, None], sigma[1:]
+        return self.run_grid(model, x, times, table, clip_x0, generator, return_trajectory, progress, **loop)
 
     @torch.inference_mode()
     def sde_sample(self, model, shape=None, x_T=None, steps=500, corrector_steps=0, snr=0.16, generator=None,
@@ -1712,6 +1771,7 @@ SAMPLERS = {
     "pc": Sampler("sde_sample", "predictor-corrector (Song et al. 2021, Alg. 4-5)", {"corrector_steps": 1},
                   calls=lambda o: o["steps"] * (1 + o["corrector_steps"])),
     "ode": Sampler("ode_sample", "adaptive RK45 on the probability-flow ODE", calls=None, fills=False),
+    "cm": Sampler("cm_sample", "consistency models' multistep sampler (Song et al. 2023), for ECT runs"),
 }
 
 

@@ -44,7 +44,7 @@ from cli import UserError
 SPACINGS = tuple(dict.fromkeys(s for p in ddpm.PROCESSES.values() for s in p.spacings))  # every process's
 # the samplers' settings on the command line (their keywords in ddpm; defaults: ddpm.SAMPLERS, docs/samplers.md)
 SAMPLER_OPTIONS = ("steps", "spacing", "rho", "eta", "order", "variance", "corrector_steps", "snr", "churn", "tmin",
-                   "tmax", "s_noise")
+                   "tmax", "s_noise", "middle")
 INVERSION_STEPS = ddpm.SAMPLERS["ddim"].defaults()["steps"]  # DDIM inversion's grid when --steps is not given
 REPAINT_STEPS, JUMP = 250, 10  # --resample without --steps or --jump: Lugmayr et al.'s 250 steps, jumps of 10
 RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
@@ -466,6 +466,8 @@ def parse_args(argv=None):
     a("--tmin", type=float, help="heun: churn only at noise levels >= S_tmin; None: 0")
     a("--tmax", type=float, help="heun: churn only at noise levels <= S_tmax; None: inf")
     a("--s-noise", type=float, help="heun: S_noise, the churn's noise scale; None: 1")
+    a("--middle", type=float, help=f"cm: the first middle noise level sigma/alpha (then / 4 each step); None: "
+                                   f"{ddpm.CM_MIDDLE} (docs/consistency.md)")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
     a("--eta", type=float, help="ddim, euler-a, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: "
@@ -554,7 +556,7 @@ def check_numbers(args):
                            ("shift", lambda v: v > 0, "a number > 0"), ("rho", lambda v: v > 0, "a number > 0"),
                            ("churn", lambda v: v >= 0, "a number >= 0"), ("tmin", lambda v: v >= 0, "a number >= 0"),
                            ("tmax", lambda v: v > 0 or v == math.inf, "a number > 0 (inf: no limit)"),
-                           ("s_noise", lambda v: v >= 0, "a number >= 0"),
+                           ("s_noise", lambda v: v >= 0, "a number >= 0"), ("middle", lambda v: v > 0, "a number > 0"),
                            ("recon_guidance", lambda v: v >= 0, "a number >= 0")):
         value = getattr(args, name)
         if value is not None and not ((math.isfinite(value) or name == "tmax" and value == math.inf) and ok(value)):
@@ -589,13 +591,21 @@ def check_guidance(args, cfg, process):
             print(f"note: --num-samples {args.n} is fewer than the {len(args.classes)} classes of --class: only the "
                   f"first {args.n} are drawn", file=sys.stderr)
     likelihood = args.nll or args.vlb  # the plain model's likelihood unless a guide is named
-    if args.guide is not None or (not cond and not likelihood and args.guidance != 1):
+    consistency = cfg.get("objective") == "ect"  # a consistency model: unguided unless a guide is named
+    if consistency and args.sampler != "cm":
+        print(f"note: {args.run} is a consistency model (--objective ect): --sampler cm samples it in 1-4 calls",
+              file=sys.stderr)
+    elif args.sampler == "cm" and not consistency:
+        print(f"note: {args.run} is a diffusion model; --sampler cm expects one tuned by --objective ect",
+              file=sys.stderr)
+    if args.guide is not None or (not cond and not likelihood and not consistency and args.guidance != 1):
         args.guide_path = find_guide(args, cfg)
     if not cond and args.guide_path is None:
         for flag, value in (("guidance", args.guidance not in (None, 1)), ("guidance-interval", args.guidance_interval)):
             if value:
-                raise UserError(f"--{flag}: {args.run} is unconditional and kept no snapshot at {DEFAULT_GUIDE} of its "
-                                "training: name a guide with --guide (a snapshot such as 1/4, or another run)")
+                why = "is a consistency model" if consistency else f"kept no snapshot at {DEFAULT_GUIDE} of its training"
+                raise UserError(f"--{flag}: {args.run} is unconditional and {why}: name a guide with --guide (a "
+                                "snapshot such as 1/4, or another run)")
         args.guidance = 1.0
     elif args.guidance is None:
         args.guidance = process.autoguidance if args.guide_path else cfg["sample_guidance"]

@@ -604,6 +604,55 @@ def test_a_ve_run_records_its_process_and_samples_with_every_sampler(tmp_path, v
         assert len(err) == 1 and says in err[0] and not (tmp_path / "no.png").exists()
 
 
+def test_init_from_copies_the_weights_and_keeps_the_model_and_process(tmp_path, flow_run, capsys):
+    """--init-from: a new run whose weights are the run's EMA weights exactly (one step at lr 1e-30 moves none),
+    whose model and process are the run's, recorded in its configuration; a clashing setting, a foreign folder
+    and impossible combinations are refused with one line, before any work."""
+    data = str(mixed_folder(tmp_path / "data"))
+    common = ["--init-from", str(flow_run), "--data", data, "--sample-every", "0", "--workers", "0", "--batch-size", "4"]
+    assert train.main([*common, "--out", str(tmp_path / "tuned"), "--steps", "1", "--lr", "1e-30"]) == 0
+    base, tuned = (torch.load(r / "ckpt.pt", weights_only=True) for r in (flow_run, tmp_path / "tuned"))
+    assert all(torch.equal(base["ema"]["model"][k], tuned["model"][k]) for k in base["model"])
+    cfg = tuned["config"]
+    assert cfg["model"] == base["config"]["model"] and cfg["init_from"] == str(flow_run.resolve())
+    assert (cfg["process"], cfg["prediction"], cfg["time_density"]) == ("flow", "velocity", "logit-normal")
+    capsys.readouterr()
+    for bad, says in ((["--process", "ve"], f"--process ve: --init-from {flow_run} has flow"),
+                      (["--base-channels", "8"], "--base-channels 8: --init-from"),
+                      (["--init-from", str(tmp_path / "data")], "no such checkpoint"),
+                      (["--resume", str(tmp_path / "tuned")], "--init-from starts a new run")):
+        assert train.main([*common, *bad, "--out", str(tmp_path / "no")]) == 1, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and not (tmp_path / "no").exists(), (bad, err)
+    assert train.main(["--data", data, "--objective", "ect", "--out", str(tmp_path / "no")]) == 1
+    assert "--objective ect tunes a trained run" in capsys.readouterr().err
+
+
+def test_an_ect_run_tunes_resumes_exactly_and_samples_in_two_calls(tmp_path, flow_run, capsys):
+    """--objective ect from a flow run: a run cut at step 2 and resumed gives the uninterrupted run's losses and
+    weights (one stage: the stages are spread over --steps, which the cut run's differ); its grids and sample.py
+    --sampler cm draw in 1, 2 and 4 calls, unguided by default."""
+    common = ["--init-from", str(flow_run), "--data", str(mixed_folder(tmp_path / "data")), "--objective", "ect",
+              "--ect-stages", "1", "--sample-every", "4", "--log-every", "1", "--workers", "0", "--batch-size", "4",
+              "--sample-n", "4"]
+    assert train.main([*common, "--out", str(tmp_path / "full"), "--steps", "4"]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "cut"), "--steps", "2"]) == 0
+    assert train.main(["--resume", str(tmp_path / "cut"), "--steps", "4"]) == 0
+    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "full")]
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("full", "cut"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "full" / "samples" / "step_000004.png").exists()
+    capsys.readouterr()
+    for steps in ("1", "2", "4"):
+        assert sample.main([str(tmp_path / "full"), "--sampler", "cm", "--steps", steps, "--n", "2",
+                            "--out", str(tmp_path / f"cm{steps}")]) == 0
+        assert len(list((tmp_path / f"cm{steps}").glob("*.png"))) == 2
+    err = capsys.readouterr().err
+    assert "autoguidance" not in err and "consistency model" not in err
+    assert sample.main([str(tmp_path / "full"), "--n", "2", "--grid", str(tmp_path / "g.png")]) == 0
+    assert "is a consistency model (--objective ect): --sampler cm" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")

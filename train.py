@@ -7,6 +7,8 @@
     python train.py --data mnist/ --channels 1 --no-flip --process flow   # flow matching, logit-normal t
     python train.py --data ./pets --class-cond                # pets/cat, pets/dog, ...: one class a subfolder
     python train.py --resume runs/faces                       # continue exactly where it stopped
+    python train.py --init-from runs/mnist --data mnist/ --objective ect --steps 1200 --out runs/mnist-ect
+                                                              # consistency tuning: sample.py --sampler cm
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --batch-size 256   # 8 GPUs, same run
 
 A folder is searched recursively for images (and MNIST's IDX files); each is decoded once, its short
@@ -72,6 +74,14 @@ SETTINGS = (
     S("data", help="image folder (searched recursively); none: the built-in demo shapes"),
     S("out", "runs/ddpm", "run folder"),
     S("resume", help="continue the run in this folder (its config wins)", metavar="RUN", stored=False),
+    S("init_from", help="a new run from this run's weights (its EMA), model and process, with a fresh optimizer and "
+      "this run's data, steps and recipe: fine-tuning, or --objective ect", metavar="RUN"),
+    S("init_raw", False, "--init-from: the run's raw weights rather than its EMA", legacy=False),
+    S("objective", "denoise", "denoise: the diffusion model's loss; ect: Easy Consistency Tuning of --init-from's "
+      "model (Geng et al. 2024), for sample.py --sampler cm (docs/consistency.md)", choices=("denoise", "ect"),
+      legacy="denoise"),
+    S("ect_stages", 4, "ect: stages of the mapping r/t = 1 - n(t) / 2^(stage + 1), evenly over --steps",
+      valid=at_least(1), legacy=4),
     S("image_size", help="None: the preset's (32 tiny/cifar10, 64 faces64)", type=int, valid=at_least(1),
       model="image_size"),
     S("channels", 3, "1 for grayscale", choices=(1, 3), model="in_channels"),
@@ -190,6 +200,10 @@ def check_args(args):
                         f"{', '.join(process.predictions)}")
     if args.min_snr and not process.weighted:
         raise UserError(f"--min-snr does not apply to --process {args.process}: its loss is unweighted")
+    if args.objective == "ect" and not (args.init_from or args.resume):
+        raise UserError("--objective ect tunes a trained run into a consistency model: give --init-from RUN")
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run; --resume continues one: give one of them")
     if args.data and not args.resume and Path(args.out).resolve().is_relative_to(Path(args.data).resolve()):
         raise UserError(f"--out {args.out} is inside --data {args.data}: its grids would become training images")
     device = cli.check_device(args.device)
@@ -376,8 +390,36 @@ def run_config(args):
         run["classes"] = cli.find_classes(args.data) if args.data else list(cli.DEMO_CLASSES)
         model["num_classes"] = len(run["classes"])
         ddpm.UNet(**model)
+    if args.init_from:
+        run, model = inherit(args, run, model)
     ddpm.make_process(run)  # raises ValueError for an impossible process
     return run | {"model": model}
+
+
+INHERITED = ("process", "sigma", "time_density", "logit_mean", "logit_scale", "T", "schedule", "beta_start",
+             "beta_end", "prediction", "min_snr", "class_cond", "channels")  # what --init-from's run fixes
+
+
+def inherit(args, run, model):
+    """--init-from RUN: the run's model and process settings (INHERITED, the U-Net's arguments, the classes) over
+    this run's; one given here that differs from the run's is refused, naming both."""
+    base = cli.read_checkpoint(args.init_from)["config"]
+    defaults = vars(parse_args([]))
+    given = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) != defaults[s.name]}
+    for s in SETTINGS:
+        key, theirs = s.model or s.name, (base["model"] if s.model else base).get(s.model or s.name)
+        if s.name in given and (s.model or s.name in INHERITED) and key in (base["model"] if s.model else base):
+            mine = model[key] if s.model else run[key]
+            if json.dumps(mine) != json.dumps(theirs):  # tuples and lists alike
+                raise UserError(f"--{s.name.replace('_', '-')} {given[s.name]}: --init-from {args.init_from} has "
+                                f"{theirs}, and a run started from another keeps its model and process")
+    run = run | {k: base.get(k, LEGACY.get(k)) for k in INHERITED} | {"init_from": str(Path(args.init_from).resolve())}
+    if base.get("classes"):
+        run["classes"] = base["classes"]
+        if args.data and cli.find_classes(args.data) != base["classes"]:
+            raise UserError(f"--data {args.data}: its classes {cli.find_classes(args.data)} are not those of "
+                            f"--init-from {args.init_from} ({base['classes']})")
+    return run, dict(base["model"])
 
 
 def loss_options(cfg):
@@ -392,7 +434,14 @@ def draw(cfg, model, process, shape, generator, labels=None):
     net = ddpm.sampling_model(model, process, cfg)
     if labels is not None:
         net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"], process=process)
+    if cfg.get("objective") == "ect":  # a consistency model: two calls
+        return ddpm.sample(process, net, "cm", shape, steps=2, generator=generator)
     return ddpm.sample(process, net, "dpm++", shape, steps=cfg["sample_steps"], generator=generator)
+
+
+def ect_stage(step, cfg):
+    """The stage of ECT's mapping at `step`: --ect-stages of them, evenly over the run's steps."""
+    return min(step * cfg["ect_stages"] // cfg["steps"], cfg["ect_stages"] - 1)
 
 
 def lr_at(step, cfg, total):
@@ -527,6 +576,9 @@ def build(cfg, resumed, device, procs):
         ckpt, model, ema, process = resumed
     else:
         model = ddpm.UNet(**cfg["model"]).to(device)
+        if cfg.get("init_from"):
+            base = cli.read_checkpoint(cfg["init_from"], device)
+            model.load_state_dict(base["model"] if cfg["init_raw"] else base["ema"]["model"])
         ema = ddpm.EMA(model, cfg["ema_decay"])
         process = ddpm.make_process(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
@@ -779,8 +831,12 @@ def train_step(state, data, cfg, procs):
         quiet = state.net.no_sync() if world > 1 and k < accum - 1 else nullcontext()  # all-reduce once, at the end
         with quiet:
             with state.autocast():
-                per = process.loss(state.fwd, x0, cfg["loss"], t=t[a:b], noise=noise[a:b], reduction="none",
-                                   y=None if y is None else y[a:b], **loss_options(cfg))
+                kw = dict(t=t[a:b], noise=noise[a:b], reduction="none", y=None if y is None else y[a:b])
+                if cfg.get("objective") == "ect":
+                    per = process.consistency_loss(state.fwd, x0, ect_stage(state.step, cfg), cfg["loss"], **kw,
+                                                   **loss_options(cfg))
+                else:
+                    per = process.loss(state.fwd, x0, cfg["loss"], **kw, **loss_options(cfg))
             state.scaler.scale(per.sum() * (world / n)).backward()
         total = total + per.detach().float().sum()
     if cfg["grad_clip"]:
