@@ -197,8 +197,8 @@ def bench_solvers(args, device):
     with torch.inference_mode():
         out["s_per_image"] = {f"{name}_{k}": round(timed(lambda: fn(k), device, args.repeats) / batch.shape[0], 4)
                               for name, fn in (("ddim", lambda k: d.ddim_sample(net, x_T=batch, steps=k)),
-                                               ("dpm++2M", lambda k: d.dpm_solver_sample(net, x_T=batch, steps=k, order=2,
-                                                                                         eta=0.0)))
+                                               ("dpm++2M", lambda k: d.dpm_solver_sample(
+                                                   net, x_T=batch, steps=k, order=2, eta=0.0)))
                               for k in (10, 20, 50)}
     for name, rows in out.items():
         if name == "s_per_image":

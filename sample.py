@@ -1,5 +1,6 @@
-"""sample.py: images from a checkpoint of train.py: DPM-Solver++ (Lu et al. 2022), DDIM (Song et al. 2020),
-DDPM (Ho et al. 2020), the reverse SDE, predictor-corrector and probability-flow ODE (Song et al. 2021);
+"""sample.py: images from a checkpoint of train.py by every sampler of ddpm.SAMPLERS: DPM-Solver++ (Lu et al.
+2022), DDIM (Song et al. 2020), DDPM (Ho et al. 2020), Heun and Euler-ancestral (Karras et al. 2022), the reverse
+SDE, predictor-corrector and probability-flow ODE (Song et al. 2021), consistency models (Song et al. 2023);
 classifier-free guidance (Ho & Salimans 2022), inpainting (replacement with reconstruction guidance, Ho et al.
 2022; RePaint, Lugmayr et al. 2022) and SDEdit (Meng et al. 2022); likelihoods, FID and a memorisation check.
 
@@ -11,6 +12,8 @@ classifier-free guidance (Ho & Salimans 2022), inpainting (replacement with reco
     python sample.py runs/mnist --inpaint two.png --mask hole.png --sampler ddpm --steps 250 --resample 10
     python sample.py runs/mnist --edit sketch.png --strength 0.2,0.4,0.6,0.8,1.0    # SDEdit
     python sample.py runs/ve --sampler pc --steps 500              # predictor-corrector; em, ode too
+    python sample.py runs/demo --sampler heun --steps 18           # Karras et al.'s Heun: 35 model calls
+    python sample.py runs/mnist-ect --sampler cm --steps 2         # a consistency-tuned run: 2 model calls
     python sample.py runs/mnist --nll 1000                         # bits/dim of 1000 training images (ODE)
     python sample.py runs/mnist --vlb 100                          # Ho et al.'s variational bound, bits/dim
     python sample.py runs/faces --n 64 --nearest 4                 # does it copy its training images?
@@ -603,7 +606,8 @@ def check_guidance(args, cfg, process):
     if not cond and args.guide_path is None:
         for flag, value in (("guidance", args.guidance not in (None, 1)), ("guidance-interval", args.guidance_interval)):
             if value:
-                why = "is a consistency model" if consistency else f"kept no snapshot at {DEFAULT_GUIDE} of its training"
+                why = "is a consistency model" if consistency else \
+                    f"kept no snapshot at {DEFAULT_GUIDE} of its training"
                 raise UserError(f"--{flag}: {args.run} is unconditional and {why}: name a guide with --guide (a "
                                 "snapshot such as 1/4, or another run)")
         args.guidance = 1.0
@@ -648,7 +652,8 @@ def check_modes(args, process):
         if given and not getattr(args, needs[2:]):
             print(f"note: --{flag} has no effect without {needs}", file=sys.stderr)
     defaults, T = ddpm.SAMPLERS[args.sampler].defaults(), getattr(process, "T", None)
-    steps, spacing = args.steps or defaults.get("steps"), args.spacing or defaults.get("spacing") or process.default_spacing
+    steps = args.steps or defaults.get("steps")
+    spacing = args.spacing or defaults.get("spacing") or process.default_spacing
     if T is not None and steps is not None and steps > T and spacing in ddpm.SPACINGS:
         raise UserError(f"--steps {steps}: the run's chain has T = {T} steps; --spacing {spacing} takes at most {T}")
     if args.recon_guidance is not None and not args.inpaint:

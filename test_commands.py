@@ -609,7 +609,8 @@ def test_init_from_copies_the_weights_and_keeps_the_model_and_process(tmp_path, 
     whose model and process are the run's, recorded in its configuration; a clashing setting, a foreign folder
     and impossible combinations are refused with one line, before any work."""
     data = str(mixed_folder(tmp_path / "data"))
-    common = ["--init-from", str(flow_run), "--data", data, "--sample-every", "0", "--workers", "0", "--batch-size", "4"]
+    common = ["--init-from", str(flow_run), "--data", data, "--sample-every", "0", "--workers", "0",
+              "--batch-size", "4"]
     assert train.main([*common, "--out", str(tmp_path / "tuned"), "--steps", "1", "--lr", "1e-30"]) == 0
     base, tuned = (torch.load(r / "ckpt.pt", weights_only=True) for r in (flow_run, tmp_path / "tuned"))
     assert all(torch.equal(base["ema"]["model"][k], tuned["model"][k]) for k in base["model"])
@@ -1134,7 +1135,8 @@ def test_masks_and_images_of_every_mode_and_size_load_or_fail_with_one_line(tmp_
                        ([*inp, "--mask", "middle"], "not one of lower-half"),
                        (["--mask", "center"], "--mask goes with --inpaint"), (inp, "--inpaint needs --mask"),
                        (["--inpaint", str(tmp_path / "colour.png"), "--mask", "center"], "a colour image"),
-                       ([*inp, "--mask", "center", "--resample", "2"], "T = 50 steps; --spacing linspace takes at most 50"),
+                       ([*inp, "--mask", "center", "--resample", "2"],
+                        "T = 50 steps; --spacing linspace takes at most 50"),
                        ([*inp, "--mask", "center", "--sampler", "ode"], "not the adaptive ode"),
                        ([*inp, "--mask", "center", "--recon-guidance", "-1"], "--recon-guidance must be a number >= 0"),
                        (["--recon-guidance", "2"], "--recon-guidance guides inpainting"),

@@ -139,8 +139,9 @@ def test_euler_ancestral_is_k_diffusions_algorithm(process):
 
 def fine(name):
     """The sampler's settings at a cost where its step error is below the test's tolerance."""
-    return {"ode": {}, "em": {"steps": 500}, "pc": {"steps": 300}, "euler-a": {"steps": 500}, "heun": {"steps": 40}}.get(
-        name, {"steps": 100})
+    fine = {"ode": {}, "em": {"steps": 500}, "pc": {"steps": 300}, "euler-a": {"steps": 500}, "heun": {"steps": 40},
+            "cm": {"steps": 4}}
+    return fine.get(name, {"steps": 100})
 
 
 @pytest.mark.parametrize("process", sorted(PROCESSES))
@@ -152,11 +153,13 @@ def test_every_registered_sampler_returns_the_gaussian_law_with_the_calls_it_pro
     p, spec = PROCESSES[process](), ddpm.SAMPLERS[name]
     x_T = p.prior_std * torch.randn(4096, 1, 4, 4, generator=gen(2))
     model, options = Counting(p), fine(name)
+    if name == "cm":  # a consistency model's sampler: the consistency function, not the denoiser
+        model.oracle = ConsistencyOracle(p)
     x = ddpm.sample(p, model, name, x_T=x_T, clip_x0=False, generator=gen(3), **options)
     x = x[0] if name == "ode" else x
     if spec.calls:
         assert model.calls == spec.calls(spec.defaults() | options)
-    again = ddpm.sample(p, Counting(p), name, x_T=x_T, clip_x0=False, generator=gen(4), **options)
+    again = ddpm.sample(p, model, name, x_T=x_T, clip_x0=False, generator=gen(4), **options)
     deterministic = torch.equal(x, again[0] if name == "ode" else again)
     mean, std = (exact_flow(p, x_T).mean().item(), exact_flow(p, x_T).std().item()) if deterministic else (MU, SD)
     tolerance = 0.04 if name == "pc" else 0.02
@@ -186,8 +189,8 @@ def test_every_filling_sampler_keeps_known_pixels_with_a_hook_and_a_repaint_path
     x0 = torch.rand(2, 1, 4, 4, generator=gen()) * 2 - 1
     keep = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     keep[..., :2] = True
-    model, steps = Counting(p), 10 if name not in ("em", "pc") else 10
-    path = ddpm.repaint_path(steps, 3, 2)
+    model, steps = Counting(p), 4 if name == "cm" else 10  # cm: 4 middle levels from 1.6 down by fours
+    path = ddpm.repaint_path(steps, 3 if steps > 3 else 1, 2)
     x = ddpm.sample(p, model, name, (2, 1, 4, 4), steps=steps, generator=gen(1), hook=ddpm.Replace(x0, keep, gen(2)),
                     path=path)
     assert torch.equal(x[keep.expand_as(x)], x0[keep.expand_as(x0)]) and x.isfinite().all()
