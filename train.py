@@ -407,18 +407,18 @@ def inherit(args, run, model):
     defaults = vars(parse_args([]))
     given = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) != defaults[s.name]}
     for s in SETTINGS:
-        key, theirs = s.model or s.name, (base["model"] if s.model else base).get(s.model or s.name)
-        if s.name in given and (s.model or s.name in INHERITED) and key in (base["model"] if s.model else base):
-            mine = model[key] if s.model else run[key]
-            if json.dumps(mine) != json.dumps(theirs):  # tuples and lists alike
-                raise UserError(f"--{s.name.replace('_', '-')} {given[s.name]}: --init-from {args.init_from} has "
-                                f"{theirs}, and a run started from another keeps its model and process")
+        if s.name not in given or not (s.model or s.name in INHERITED):
+            continue
+        key, (theirs, mine) = s.model or s.name, (base["model"], model) if s.model else (base, run)
+        if key in theirs and json.dumps(mine[key]) != json.dumps(theirs[key]):  # tuples and lists alike
+            raise UserError(f"--{s.name.replace('_', '-')} {given[s.name]}: --init-from {args.init_from} has "
+                            f"{theirs[key]}, and a run started from another keeps its model and process")
     run = run | {k: base.get(k, LEGACY.get(k)) for k in INHERITED} | {"init_from": str(Path(args.init_from).resolve())}
     if base.get("classes"):
-        run["classes"] = base["classes"]
-        if args.data and cli.find_classes(args.data) != base["classes"]:
-            raise UserError(f"--data {args.data}: its classes {cli.find_classes(args.data)} are not those of "
-                            f"--init-from {args.init_from} ({base['classes']})")
+        run["classes"], found = base["classes"], cli.find_classes(args.data) if args.data else base["classes"]
+        if found != base["classes"]:
+            raise UserError(f"--data {args.data}: its classes {found} are not those of --init-from {args.init_from} "
+                            f"({base['classes']})")
     return run, dict(base["model"])
 
 
