@@ -796,15 +796,15 @@ class HeunStep:
         raised = hat > level
         t_hat = times.to(torch.float64) if raised.any() else times
         if raised.any():
-            lam = -hat.log() if process.ode_form == "ve" else torch.log1p(-hat) - hat.log()
-            t_hat = torch.where(raised, process.time_of_log_snr(lam), t_hat)
+            t_hat = torch.where(raised, process.time_of_noise_level(hat), t_hat)
         a_hat, s_hat = process.marginal(t_hat.to(torch.float64))
         level_hat, scale_hat = process.noise_level(t_hat.to(torch.float64))
         r = torch.where(raised, a_hat / alpha[:-1], 1.0)
         # step k calls the model at t_hat_k and, but on the last step, at t_{k+1}
-        self.evals = torch.stack([t_hat, torch.cat([times[1:].to(t_hat.dtype), t_hat[:1]])], 1).flatten()[:2 * S - 1]
-        self.S, self.raised = S, raised.tolist()
-        self.r, self.n = r.tolist(), (s_hat ** 2 - r ** 2 * sigma[:-1] ** 2).clamp(min=0).sqrt().mul(s_noise).tolist()
+        following = torch.cat([times[1:].to(t_hat.dtype), t_hat[:1]])
+        self.evals = torch.stack([t_hat, following], 1).flatten()[:2 * S - 1]
+        self.S, self.raised, self.r = S, raised.tolist(), r.tolist()
+        self.n = (s_noise * (s_hat ** 2 - r ** 2 * sigma[:-1] ** 2).clamp(min=0).sqrt()).tolist()
         self.level_hat, self.scale_hat = level_hat.tolist(), scale_hat.tolist()
         self.level, self.scale = level.tolist() + [0.0], scale.tolist() + [1.0]
 
@@ -1003,11 +1003,10 @@ class ScoreSDE(nn.Module):
             if not (math.isfinite(rho) and rho > 0):
                 raise ValueError(f"rho must be a positive number, got {rho}")
             top, low = self.noise_level(ends)[0] ** (1 / rho)
-            level = (top + torch.linspace(0, 1, steps, dtype=torch.float64) * (low - top)) ** rho
-            lam = -level.log() if self.ode_form == "ve" else torch.log1p(-level) - level.log()
+            u = torch.linspace(0, 1, steps, dtype=torch.float64)
+            times = self.time_of_noise_level((top + u * (low - top)) ** rho)
         else:
-            lam = torch.linspace(*self.log_snr(ends).tolist(), steps, dtype=torch.float64)
-        times = self.time_of_log_snr(lam)
+            times = self.time_of_log_snr(torch.linspace(*self.log_snr(ends).tolist(), steps, dtype=torch.float64))
         times[[0, -1]] = ends  # exactly, not to the bisection's last bit
         return times
 
@@ -1024,6 +1023,10 @@ class ScoreSDE(nn.Module):
         """lambda_t = log(alpha_t / sigma_t), decreasing in t."""
         alpha, sigma = self.marginal(t)
         return torch.log(alpha / sigma)
+
+    def time_of_noise_level(self, level):
+        """The times whose noise_level is `level`: lambda = -log level ("ve") or log((1 - level) / level) ("flow")."""
+        return self.time_of_log_snr(-level.log() if self.ode_form == "ve" else torch.log1p(-level) - level.log())
 
     def time_of_log_snr(self, lam):
         """The times where lambda_t = lam (float64), by bisection between t_end and t_start."""
