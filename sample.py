@@ -695,7 +695,8 @@ def check_args(args, process, cfg):
         args.sampler, args.eta = "ddim", 0.0
     check_guidance(args, cfg, process)
     check_modes(args, process)
-    sampler_options(args)
+    if not (args.nll or args.vlb or args.forward):  # the modes that sample: their sampler's settings
+        sampler_options(args)
     args.start = None
 
 

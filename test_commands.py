@@ -712,6 +712,11 @@ def test_sample_vlb_prints_the_bound_of_training_images_and_its_terms(trained_ru
     terms = process.vlb_bits_per_dim(ema.model.eval(), x0, generator=torch.Generator().manual_seed(2))
     assert out.startswith(f"VLB bits/dim: {terms['total'].mean().item():.4f} +- ")
     assert f"prior {terms['prior'].mean().item():.4f}, kl {terms['kl'].mean().item():.4f}" in out
+    # --variance is the bound's here, not a sampler's setting
+    assert sample.main([str(trained_run), "--vlb", "3", "--seed", "2", "--variance", "posterior"]) == 0
+    terms = process.vlb_bits_per_dim(ema.model.eval(), x0, variance="posterior",
+                                     generator=torch.Generator().manual_seed(2))
+    assert capsys.readouterr().out.startswith(f"VLB bits/dim: {terms['total'].mean().item():.4f} +- ")
 
 
 @pytest.mark.parametrize("sampler,extra", [("dpm++", ["--order", "3"]), ("ddpm", ["--steps", "7"]),
