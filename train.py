@@ -428,9 +428,9 @@ def loss_options(cfg):
 
 
 def draw(cfg, model, process, shape, generator, labels=None):
-    """Samples for grids and FID during training: SDE-DPM-Solver++ of the process's default order (3M on VP,
-    2M on VE; docs/samplers.md) with sample_steps calls from the network `model`, guided at sample_guidance
-    when labels are given."""
+    """Samples for grids and FID during training: the command line's default sampler, SDE-DPM-Solver++ of the
+    process's default order (docs/samplers.md), with sample_steps calls from the network `model` (a consistency
+    run of --objective ect: its own sampler, two calls), guided at sample_guidance when labels are given."""
     net = ddpm.sampling_model(model, process, cfg)
     if labels is not None:
         net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"], process=process)
