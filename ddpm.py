@@ -439,6 +439,11 @@ def x0_weight(kind, alpha, sigma):
             "velocity": lambda: (alpha + sigma) ** 2 / sigma ** 2}[kind]()
 
 
+def min_snr_weight(kind, alpha, sigma, gamma):
+    """Per-sample weights that make the loss of `kind` min(SNR_t, gamma) times the x_0 error (Hang et al. 2023)."""
+    return ((alpha / sigma) ** 2).clamp(max=gamma) / x0_weight(kind, alpha, sigma)
+
+
 def _column(v, x):
     return v.reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype)
 
@@ -938,7 +943,7 @@ class ScoreSDE(nn.Module):
         target = prediction_target(prediction, x0, noise, alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1))
         weight = None
         if min_snr is not None:
-            weight = ((alpha / sigma) ** 2).clamp(max=min_snr) / x0_weight(prediction, alpha, sigma)
+            weight = min_snr_weight(prediction, alpha, sigma, min_snr)
         x_t = self.q_sample(x0, t, noise)
         return eps_distance(model(x_t, t) if y is None else model(x_t, t, y), target, loss_type, weight, reduction)
 
@@ -970,7 +975,7 @@ class ScoreSDE(nn.Module):
         target = prediction_target(prediction, target_x0, (x_t - a * target_x0) / s, a, s)
         weight = 1 / (1 - ratio)
         if min_snr is not None:
-            weight = weight * ((alpha / sigma) ** 2).clamp(max=min_snr) / x0_weight(prediction, alpha, sigma)
+            weight = weight * min_snr_weight(prediction, alpha, sigma, min_snr)
         return eps_distance(model(x_t, t) if y is None else model(x_t, t, y), target, loss_type, weight, reduction)
 
     # -- time grids ------------------------------------------------------------------------------
