@@ -506,18 +506,20 @@ class Guided(nn.Module):
     one call of each, both with y where y is given (a class-conditional pair) or none.
     interval=(lo, hi), with process: guidance only where lo < sigma_t / alpha_t <= hi, the main model alone
     (one call) elsewhere (Kynkaanniemi et al. 2024); sigma/alpha = exp(-lambda_t) is the same noise level on
-    every process (EDM's sigma on VP). Deciding it reads t's values on the host, once a call. predict(x, t) ->
-    (x0_hat, eps_hat), each guided alike, for a model with its own (predicts_x0); process turns an eps model's.
+    every process (EDM's sigma on VP). Deciding it reads t's values on the host, once a call; per_sample: both
+    models on the whole batch and the choice made per sample on the device (a teacher in training, whose t differs
+    per sample). predict(x, t) -> (x0_hat, eps_hat), each guided alike, for a model with its own (predicts_x0);
+    process turns an eps model's.
     """
 
-    def __init__(self, model, y, scale, null=None, guide=None, interval=None, process=None):
+    def __init__(self, model, y, scale, null=None, guide=None, interval=None, process=None, per_sample=False):
         super().__init__()
         if guide is None and y is not None and null is None:
             raise ValueError("classifier-free guidance needs the null label (null=num_classes)")
         if interval is not None and process is None:
             raise ValueError("a guidance interval needs the process, for sigma_t / alpha_t")
         self.model, self.guide, self.y, self.scale, self.null = model, guide, y, float(scale), null
-        self.interval, self.process = interval, process
+        self.interval, self.process, self.per_sample = interval, process, per_sample
 
     @property
     def predicts_x0(self):
@@ -533,6 +535,8 @@ class Guided(nn.Module):
             return True
         alpha, sigma = self.process.marginal_at(t)
         ratio, (lo, hi) = (sigma / alpha).double(), self.interval
+        if self.per_sample:
+            return ((ratio > lo) & (ratio <= hi)).reshape(-1, *(1,) * 3)
         inside = ((ratio > lo) & (ratio <= hi)).tolist()
         if all(inside) or not any(inside):
             return all(inside)
@@ -948,13 +952,17 @@ class ScoreSDE(nn.Module):
         return eps_distance(model(x_t, t) if y is None else model(x_t, t, y), target, loss_type, weight, reduction)
 
     def consistency_loss(self, model, x0, stage, loss_type="l2", t=None, noise=None, prediction="eps", min_snr=None,
-                         reduction="mean", y=None):
+                         reduction="mean", y=None, teacher=None):
         """Easy Consistency Tuning (Geng et al. 2024): the model's x0_hat at x_t = alpha_t x0 + sigma_t eps is pulled
         towards its own x0_hat at x_r = alpha_r x0 + sigma_r eps (the same eps; no gradient, the same dropout),
         r < t from ect_ratio at `stage` (stage None: r = 0, where the target is x0 itself). The target enters the
         denoising loss in the network's own prediction (prediction_target at x_t), so at r = 0 this is `loss` on
         the same t and noise; the weight 1 / (1 - r/t) is ECT's 1 / (t - r) relative to its value at r = 0, on the
-        squared distance of loss_type (ECT divides the distance's norm; see docs/consistency.md)."""
+        squared distance of loss_type (ECT divides the distance's norm; see docs/consistency.md).
+
+        teacher(x, t, y) -> (x0_hat, eps_hat): consistency distillation (Song et al. 2023, eq. 7) instead, x_r being
+        the teacher's DDIM step from x_t, alpha_r x0_hat + sigma_r eps_hat (Song et al. 2020, eq. 12), and its x0_hat
+        the target where r = 0; with a guided teacher the model learns the guided probability-flow ODE."""
         if x0.ndim != 4:
             raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
         t = self.train_t(x0.shape[0], device=x0.device) if t is None else t
@@ -962,16 +970,20 @@ class ScoreSDE(nn.Module):
         alpha, sigma = self.marginal_at(t)
         a, s = _column(alpha, x0), _column(sigma, x0)
         x_t = self.q_sample(x0, t, noise)
-        target_x0, ratio = x0, torch.zeros_like(alpha)
+        end, ratio = (x0, noise), torch.zeros_like(alpha)
+        if teacher is not None:
+            with torch.no_grad():
+                end = tuple(v.float() for v in teacher(x_t, t, y))
+        target_x0 = end[0]
         if stage is not None:
             ratio = ect_ratio((sigma / alpha).float(), stage)
             r = self.time_of_log_snr(self.log_snr(t.float()) - ratio.log())  # lambda_r = lambda_t - log(r / t)
             a_r, s_r = (_column(v, x0) for v in self.marginal(r))
             with torch.no_grad(), torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
-                x_r = a_r * x0 + s_r * noise
+                x_r = a_r * end[0] + s_r * end[1]
                 out = model(x_r, r) if y is None else model(x_r, r, y)
                 own = from_prediction(prediction, out.float(), x_r, a_r, s_r)[0]
-            target_x0 = torch.where(_column(ratio, x0) > 0, own, x0)
+            target_x0 = torch.where(_column(ratio, x0) > 0, own, end[0])
         target = prediction_target(prediction, target_x0, (x_t - a * target_x0) / s, a, s)
         weight = 1 / (1 - ratio)
         if min_snr is not None:

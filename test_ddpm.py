@@ -884,6 +884,20 @@ def test_outside_the_interval_one_model_call_and_inside_one_call_of_each():
         ddpm.Guided(gaussian_oracle(d), None, 2.0, guide=gaussian_oracle(d), interval=(lo, hi))
 
 
+def test_per_sample_guidance_chooses_on_the_device_what_the_host_chooses():
+    """per_sample=True (a training batch of mixed times) gives the same values as the host's choice, for eps and
+    for (x0_hat, eps_hat), on batches inside, outside and across the interval, without reading t on the host."""
+    d = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    main, guide = gaussian_oracle(d, MU_MAIN), gaussian_oracle(d, MU_GUIDE)
+    x = torch.randn(4, 1, 4, 4, generator=gen())
+    for t in ([3, 50, 500, 999], [400, 420, 450, 500], [1, 2, 3, 4]):
+        t = torch.tensor(t)
+        host, device = (ddpm.Guided(main, None, 2.0, guide=guide, interval=(0.5, 5.0), process=d, per_sample=per)
+                        for per in (False, True))
+        assert torch.equal(host(x, t), device(x, t))
+        assert all(torch.equal(a, b) for a, b in zip(host.predict(x, t), device.predict(x, t)))
+
+
 # ----------------------------------------------------------------------------------------------
 # inpainting (replacement, RePaint) and SDEdit on Gaussian data, whose conditionals are known
 

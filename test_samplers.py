@@ -295,3 +295,38 @@ def test_ect_tunes_the_denoiser_into_the_consistency_function(process):
             loss.backward()
             opt.step()
     assert abs(student.c.item() - 1) < 0.05 and abs(student.mu.item() - MU) < 0.03, (student.c, student.mu)
+
+
+def test_consistency_distillation_with_a_teacher_that_knows_the_draw_is_ect():
+    """A teacher returning the draw's own (x0, eps) makes its DDIM step land on alpha_r x0 + sigma_r eps: the
+    distillation loss is then ECT's, sample by sample, at every stage and at r = 0."""
+    p = ddpm.FlowMatching()
+    net = ddpm.Predictor(ddpm.UNet(in_channels=1, base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                                   attn_resolutions=(), image_size=8, norm_group_size=4,
+                                   time_scale=p.model_time_scale), p, "velocity")
+    x0, noise = torch.rand(6, 1, 8, 8, generator=gen()) * 2 - 1, torch.randn(6, 1, 8, 8, generator=gen(1))
+    t = p.train_t(6, generator=gen(2))
+    for stage in (None, 0, 2, 5):
+        ect = p.consistency_loss(net.model, x0, stage, t=t, noise=noise, prediction="velocity", reduction="none")
+        cd = p.consistency_loss(net.model, x0, stage, t=t, noise=noise, prediction="velocity", reduction="none",
+                                teacher=lambda x, t_, y: (x0, noise))
+        assert torch.allclose(ect, cd, rtol=1e-5, atol=1e-7), (stage, ect, cd)
+
+
+@pytest.mark.parametrize("process", ["flow", "ve"])
+def test_consistency_distillation_from_the_exact_denoiser_reaches_the_consistency_function(process):
+    """With the exact denoiser of Gaussian data as the teacher, eight stages of distillation move the student from
+    the denoiser (c = 0) to f* (c = 1): the teacher's DDIM steps shrink with the stages, so c ends within 0.05."""
+    p, g = PROCESSES[process](), gen()
+    student, oracle = AffineStudent(p), ddpm.GaussianOracle(p, MU, SD)
+    opt = torch.optim.Adam(student.parameters(), lr=2e-2)
+    for stage in range(8):
+        for _ in range(60):
+            x0 = MU + SD * torch.randn(2048, 1, 1, 1, generator=g)
+            loss = p.consistency_loss(student, x0, stage, t=p.train_t(2048, generator=g),
+                                      noise=torch.randn(2048, 1, 1, 1, generator=g),
+                                      teacher=lambda x, t, y: oracle.predict(x, t))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert abs(student.c.item() - 1) < 0.05 and abs(student.mu.item() - MU) < 0.03, (student.c, student.mu)
