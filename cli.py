@@ -3,16 +3,21 @@
 The one error type and the one main() guard; the processes of a torchrun launch (rank, each one's
 share of the work, gathering on rank 0); atomic writes; image files (one set of extensions, 16-bit
 and float grey images read with their real range); a run's training images (a folder, MNIST's IDX
-files, streamed from disk when too large for memory, the built-in demo shapes); checkpoint files.
+files, streamed from disk when too large for memory, the built-in demo shapes); checkpoint files and the
+guides of autoguidance; glibc's allocator set to reuse freed memory.
 Of the project's files it imports ddpm.py alone.
 """
 import concurrent.futures
+import ctypes
+import ctypes.util
 import datetime
 import errno
 import functools
 import gzip
 import math
 import os
+import platform
+import re
 import signal
 import sys
 import zipfile
@@ -41,10 +46,30 @@ class Interrupted(Exception):
     """Ctrl-C after the work was put away (train.py saved its checkpoint): its message, exit status 130."""
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory(keep=1 << 31, largest=1 << 30):
+    """On glibc, serve allocations up to `largest` bytes from the heap and keep up to `keep` freed bytes for reuse
+    (mallopt's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), in place of its default of mapping every large block anew
+    and unmapping it at free. A CPU sampling loop frees and re-allocates its activations every step; by default each
+    is fresh pages from the kernel, zeroed and faulted in: 28-57% of the time at batch 64-512 (docs/performance.md).
+    The cost: memory freed after a peak stays with the process. Both settings or neither (either alone is slower
+    than the defaults). Returns whether they were set (False off glibc, where the allocator is left alone)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    return libc.mallopt(M_TRIM_THRESHOLD, keep) == 1 and libc.mallopt(M_MMAP_THRESHOLD, largest) == 1
+
+
 def run_command(script, body, lost_note=""):
     """The main() of every command: body(procs) with this process's Processes; a UserError, ValueError,
     OSError or a lost torchrun peer is one line on stderr and exit status 1, Ctrl-C is 130 (as shells expect,
     so that `train.py ... && sample.py ...` does not go on with a half-trained run)."""
+    reuse_freed_memory()
     procs = Processes()
     try:
         body(procs)
@@ -882,3 +907,48 @@ def load_run(path, device="cpu", ema=True):
     """(checkpoint dict, eps model, process) of a run, for sampling: ddpm.load with the EMA or raw weights."""
     ckpt = read_checkpoint(path, device)
     return (ckpt, *_built(path, lambda: ddpm.load(ckpt, ema, device))[:2])
+
+
+# Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
+# where it applies, chosen on MNIST (docs/guidance.md)
+DEFAULT_GUIDE, AUTOGUIDANCE_INTERVAL = "1/16", (0.5, 10.0)  # the weight: the process's autoguidance
+FRACTION = re.compile(r"\d+/\d+")
+
+
+def find_guide(run, spec, flag):
+    """The checkpoint a guide `spec` names for `run`: a fraction such as 1/16 names the run's snapshot (train.py
+    --snapshots), anything else a run folder or checkpoint; spec None: the run's snapshot at DEFAULT_GUIDE, or
+    None where it kept none. A fraction the run did not keep is one line naming those it did."""
+    given, spec, run = spec is not None, spec or DEFAULT_GUIDE, Path(run)
+    home = run if run.is_dir() else run.parent
+    if FRACTION.fullmatch(spec):
+        path = home / "snapshots" / f"{spec.replace('/', '-')}.pt"
+        if path.is_file():
+            return path
+        if given:
+            kept = sorted(p.stem.replace("-", "/") for p in (home / "snapshots").glob("*.pt"))
+            raise UserError(f"{flag} {spec}: {run} has no snapshot at {spec} of its training "
+                            f"({'it has ' + ', '.join(kept) if kept else 'it kept none: train.py --snapshots'})")
+        return None
+    return Path(spec)
+
+
+def load_guide(path, cfg, process, device, flag):
+    """(eps model, step) of the guide at `path`, checked against the run of configuration cfg: the same images,
+    process and labels (one line if not)."""
+    ckpt, guide, guide_process = load_run(path, device)
+    mine, theirs = cfg["model"], ckpt["config"]["model"]
+    for key, what in (("in_channels", "channels"), ("image_size", "image size"), ("num_classes", "classes")):
+        if mine.get(key) != theirs.get(key):
+            raise UserError(f"{flag} {path}: its {what} ({theirs.get(key)}) differ from the run's ({mine.get(key)})")
+    if not same_process(process, guide_process):
+        raise UserError(f"{flag} {path}: its process {guide_process!r} is not the run's {process!r}")
+    return guide, ckpt["step"]
+
+
+def same_process(a, b):
+    """Whether two processes have the same marginals (alpha_t, sigma_t) on a grid of their time range."""
+    if type(a) is not type(b) or (a.t_start, a.t_end) != (b.t_start, b.t_end):
+        return False
+    times = a.time_grid(50, "time")
+    return all(torch.allclose(u, v) for u, v in zip(a.marginal(times), b.marginal(times)))

@@ -32,7 +32,6 @@ file cannot run code.
 """
 import argparse
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,8 +52,7 @@ REPAINT_STEPS, JUMP = 250, 10  # --resample without --steps or --jump: Lugmayr e
 RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
 # Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
 # where it applies, chosen on MNIST (docs/guidance.md)
-DEFAULT_GUIDE, AUTOGUIDANCE_INTERVAL = "1/16", (0.5, 10.0)  # the weight: the process's autoguidance
-FRACTION = re.compile(r"\d+/\d+")
+DEFAULT_GUIDE, AUTOGUIDANCE_INTERVAL = cli.DEFAULT_GUIDE, cli.AUTOGUIDANCE_INTERVAL
 GRID_LIMIT, GRID_COLUMNS = 256, 16  # the grid shows the first samples; a class's row its first 16
 AMP = "fp32"  # sample.py's --amp: float32 unless measured otherwise (docs/performance.md)
 MOST = 10_000_000  # the largest count any option takes (samples, steps, images)
@@ -121,45 +119,6 @@ def guided(args, net, cfg, labels, process):
     return ddpm.Guided(net, y, args.guidance, cfg["model"].get("num_classes"), guide=args.guide_net,
                        interval=args.guidance_interval, process=process)
 
-
-def find_guide(args, cfg):
-    """The path of --guide: a fraction such as 1/16 names the run's snapshot (train.py --snapshots), anything
-    else a run folder or checkpoint; None where the run has no snapshot at that fraction and --guide was not
-    given (the default guide)."""
-    spec, given = args.guide or DEFAULT_GUIDE, args.guide is not None
-    run = Path(args.run)
-    home = run if run.is_dir() else run.parent
-    if FRACTION.fullmatch(spec):
-        path = home / "snapshots" / f"{spec.replace('/', '-')}.pt"
-        if path.is_file():
-            return path
-        if given:
-            kept = sorted(p.stem.replace("-", "/") for p in (home / "snapshots").glob("*.pt"))
-            raise UserError(f"--guide {spec}: {args.run} has no snapshot at {spec} of its training "
-                            f"({'it has ' + ', '.join(kept) if kept else 'it kept none: train.py --snapshots'})")
-        return None
-    return Path(spec)
-
-
-def load_guide(args, cfg, process, device):
-    """--guide's eps model, checked against the run: the same images, process and labels (one line if not)."""
-    ckpt, guide, guide_process = cli.load_run(args.guide_path, device)
-    mine, theirs = cfg["model"], ckpt["config"]["model"]
-    for key, what in (("in_channels", "channels"), ("image_size", "image size"), ("num_classes", "classes")):
-        if mine.get(key) != theirs.get(key):
-            raise UserError(f"--guide {args.guide_path}: its {what} ({theirs.get(key)}) differ from the run's "
-                            f"({mine.get(key)})")
-    if not same_process(process, guide_process):
-        raise UserError(f"--guide {args.guide_path}: its process {guide_process!r} is not the run's {process!r}")
-    return guide, ckpt["step"]
-
-
-def same_process(a, b):
-    """Whether two processes have the same marginals (alpha_t, sigma_t) on a grid of their time range."""
-    if type(a) is not type(b) or (a.t_start, a.t_end) != (b.t_start, b.t_end):
-        return False
-    times = a.time_grid(50, "time")
-    return all(torch.allclose(u, v) for u, v in zip(a.marginal(times), b.marginal(times)))
 
 # ----------------------------------------------------------------------------------------------
 # sampling
@@ -594,15 +553,15 @@ def check_guidance(args, cfg, process):
             print(f"note: --num-samples {args.n} is fewer than the {len(args.classes)} classes of --class: only the "
                   f"first {args.n} are drawn", file=sys.stderr)
     likelihood = args.nll or args.vlb  # the plain model's likelihood unless a guide is named
-    consistency = cfg.get("objective") == "ect"  # a consistency model: unguided unless a guide is named
+    consistency = cfg.get("objective") in ("ect", "cd")  # a consistency model: unguided unless a guide is named
     if consistency and args.sampler != "cm":
-        print(f"note: {args.run} is a consistency model (--objective ect): --sampler cm samples it in 1-4 calls",
-              file=sys.stderr)
+        print(f"note: {args.run} is a consistency model (--objective {cfg['objective']}): --sampler cm samples it in "
+              "1-4 calls", file=sys.stderr)
     elif args.sampler == "cm" and not consistency:
-        print(f"note: {args.run} is a diffusion model; --sampler cm expects one tuned by --objective ect",
+        print(f"note: {args.run} is a diffusion model; --sampler cm expects one tuned by --objective ect or cd",
               file=sys.stderr)
     if args.guide is not None or (not cond and not likelihood and not consistency and args.guidance != 1):
-        args.guide_path = find_guide(args, cfg)
+        args.guide_path = cli.find_guide(args.run, args.guide, "--guide")
     if not cond and args.guide_path is None:
         for flag, value in (("guidance", args.guidance not in (None, 1)), ("guidance-interval", args.guidance_interval)):
             if value:
@@ -713,7 +672,8 @@ def run(args, procs):
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     check_args(args, process, cfg)
-    args.guide_net, guide_step = load_guide(args, cfg, process, device) if args.guide_path else (None, None)
+    args.guide_net, guide_step = (cli.load_guide(args.guide_path, cfg, process, device, "--guide") if args.guide_path
+                                  else (None, None))
     net, args.guide_net = mixed_precision(args, cfg, net, args.guide_net, device, procs)
     edits = read_edits(args, cfg) if args.inpaint or args.edit else None
     if procs.main:
