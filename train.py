@@ -7,8 +7,8 @@
     python train.py --data mnist/ --channels 1 --no-flip --process flow   # flow matching, logit-normal t
     python train.py --data ./pets --class-cond                # pets/cat, pets/dog, ...: one class a subfolder
     python train.py --resume runs/faces                       # continue exactly where it stopped
-    python train.py --init-from runs/mnist --data mnist/ --objective ect --steps 1200 --out runs/mnist-ect
-                                                              # consistency tuning: sample.py --sampler cm
+    python train.py --init-from runs/mnist --data mnist/ --objective cd --steps 750 --out runs/mnist-cd
+                                                              # distilled to 2 calls: sample.py --sampler cm
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --batch-size 256   # 8 GPUs, same run
 
 A folder is searched recursively for images (and MNIST's IDX files); each is decoded once, its short
@@ -75,11 +75,16 @@ SETTINGS = (
     S("out", "runs/ddpm", "run folder"),
     S("resume", help="continue the run in this folder (its config wins)", metavar="RUN", stored=False),
     S("init_from", help="a new run from this run's weights (its EMA), model and process, with a fresh optimizer and "
-      "this run's data, steps and recipe: fine-tuning, or --objective ect", metavar="RUN"),
+      "this run's data, steps and recipe: fine-tuning, or --objective ect or cd", metavar="RUN"),
     S("init_raw", False, "--init-from: the run's raw weights rather than its EMA", legacy=False),
     S("objective", "denoise", "denoise: the diffusion model's loss; ect: Easy Consistency Tuning of --init-from's "
-      "model (Geng et al. 2024), for sample.py --sampler cm (docs/consistency.md)", choices=("denoise", "ect"),
-      legacy="denoise"),
+      "model (Geng et al. 2024); cd: consistency distillation of its guided sampler (Song et al. 2023); both for "
+      "sample.py --sampler cm (docs/consistency.md)", choices=("denoise", "ect", "cd"), legacy="denoise"),
+    S("teacher_guidance", help="cd: the teacher's guidance weight; None: as sample.py guides --init-from's run "
+      "(autoguidance by --teacher-guide at the process's weight, or classifier-free at its --sample-guidance); "
+      "1: the plain model", type=float, valid=at_least(0)),
+    S("teacher_guide", help="cd: the teacher's autoguidance guide: a snapshot of --init-from's run (a fraction) or "
+      f"another run; None: its snapshot at {cli.DEFAULT_GUIDE} for an unconditional run", metavar="SNAPSHOT_OR_RUN"),
     S("ect_stages", 4, "ect: stages of the mapping r/t = 1 - n(t) / 2^(stage + 1), evenly over --steps",
       valid=at_least(1), legacy=4),
     S("image_size", help="None: the preset's (32 tiny/cifar10, 64 faces64)", type=int, valid=at_least(1),
@@ -200,8 +205,9 @@ def check_args(args):
                         f"{', '.join(process.predictions)}")
     if args.min_snr and not process.weighted:
         raise UserError(f"--min-snr does not apply to --process {args.process}: its loss is unweighted")
-    if args.objective == "ect" and not (args.init_from or args.resume):
-        raise UserError("--objective ect tunes a trained run into a consistency model: give --init-from RUN")
+    if args.objective in ("ect", "cd") and not (args.init_from or args.resume):
+        raise UserError(f"--objective {args.objective} tunes a trained run into a consistency model: give --init-from "
+                        "RUN")
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run; --resume continues one: give one of them")
     if args.data and not args.resume and Path(args.out).resolve().is_relative_to(Path(args.data).resolve()):
@@ -218,10 +224,15 @@ def note_unused_options(args):
     """A note for each option given that has no effect on this run, and for guided grids of a class-conditional
     run whose null label is never trained (--label-dropout 0)."""
     defaults = vars(parse_args([]))
-    process_options = [(name, args.process == p.name, f"--process {p.name}")
+    process = args.process if not args.init_from else cli.read_checkpoint(args.init_from)["config"].get("process",
+                                                                                                       "ddpm")
+    process_options = [(name, process == p.name, f"--process {p.name}")
                        for p in ddpm.PROCESSES.values() for name in p.options if name in defaults]
+    consistency = [(name, args.objective in objectives, why) for name, objectives, why in (
+        ("ect_stages", ("ect", "cd"), "--objective ect or cd"), ("teacher_guidance", ("cd",), "--objective cd"),
+        ("teacher_guide", ("cd",), "--objective cd"))]
     for name, applies, why in (("label_dropout", args.class_cond, "--class-cond"),
-                               ("sample_guidance", args.class_cond, "--class-cond"), *process_options):
+                               ("sample_guidance", args.class_cond, "--class-cond"), *process_options, *consistency):
         if not applies and getattr(args, name) != defaults[name]:
             print(f"note: --{name.replace('_', '-')} has no effect without {why}", file=sys.stderr)
     if args.class_cond and args.label_dropout == 0 and args.sample_guidance != 1:
@@ -392,17 +403,47 @@ def run_config(args):
         ddpm.UNet(**model)
     if args.init_from:
         run, model = inherit(args, run, model)
-    ddpm.make_process(run)  # raises ValueError for an impossible process
+    process = ddpm.make_process(run)  # raises ValueError for an impossible process
+    if run["objective"] == "cd":
+        run |= teacher_settings(args, run, process)
     return run | {"model": model}
+
+
+def teacher_settings(args, run, process):
+    """--objective cd: the teacher's guide (a checkpoint's absolute path, or None), weight and interval, resolved
+    as sample.py resolves them for --init-from's run: autoguidance by its snapshot at the default guide where it
+    kept one, classifier-free guidance at its --sample-guidance for a class-conditional run, else unguided."""
+    cond, w = run["class_cond"], args.teacher_guidance
+    guide = None
+    if args.teacher_guide is not None or (not cond and w != 1):
+        guide = cli.find_guide(args.init_from, args.teacher_guide, "--teacher-guide")
+    if guide is None and not cond:
+        if w not in (None, 1):
+            raise UserError(f"--teacher-guidance {w:g}: --init-from {args.init_from} is unconditional and kept no "
+                            f"snapshot at {cli.DEFAULT_GUIDE}: name a guide with --teacher-guide")
+        if w is None:
+            print(f"note: --init-from {args.init_from} kept no snapshot at {cli.DEFAULT_GUIDE}: the teacher is "
+                  "unguided", file=sys.stderr)
+        w = 1.0
+    base = cli.read_checkpoint(args.init_from)["config"]
+    if guide is not None:  # the same images, classes and process, or one line now
+        cli.load_guide(guide, base, process, "cpu", "--teacher-guide")
+    if w is None:
+        w = process.autoguidance if guide else base["sample_guidance"]
+    return {"teacher_guide": None if guide is None else str(guide.resolve()), "teacher_guidance": w,
+            "teacher_interval": list(cli.AUTOGUIDANCE_INTERVAL) if guide else None}
 
 
 INHERITED = ("process", "sigma", "time_density", "logit_mean", "logit_scale", "T", "schedule", "beta_start",
              "beta_end", "prediction", "min_snr", "class_cond", "channels")  # what --init-from's run fixes
+TRAINING_CHOICES = ("time_density", "logit_mean", "logit_scale", "min_snr")  # inherited unless given: the model's
+# meaning and the sampling process do not depend on them
 
 
 def inherit(args, run, model):
     """--init-from RUN: the run's model and process settings (INHERITED, the U-Net's arguments, the classes) over
-    this run's; one given here that differs from the run's is refused, naming both."""
+    this run's; one given here that differs from the run's is refused, naming both, except TRAINING_CHOICES
+    (the density of training times, the loss weights), which a setting given here replaces."""
     base = cli.read_checkpoint(args.init_from)["config"]
     defaults = vars(parse_args([]))
     given = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) != defaults[s.name]}
@@ -410,10 +451,11 @@ def inherit(args, run, model):
         if s.name not in given or not (s.model or s.name in INHERITED):
             continue
         key, (theirs, mine) = s.model or s.name, (base["model"], model) if s.model else (base, run)
-        if key in theirs and json.dumps(mine[key]) != json.dumps(theirs[key]):  # tuples and lists alike
+        if key in theirs and json.dumps(mine[key]) != json.dumps(theirs[key]) and key not in TRAINING_CHOICES:
             raise UserError(f"--{s.name.replace('_', '-')} {given[s.name]}: --init-from {args.init_from} has "
                             f"{theirs[key]}, and a run started from another keeps its model and process")
-    run = run | {k: base.get(k, LEGACY.get(k)) for k in INHERITED} | {"init_from": str(Path(args.init_from).resolve())}
+    kept = [k for k in INHERITED if not (k in TRAINING_CHOICES and k in given)]
+    run = run | {k: base.get(k, LEGACY.get(k)) for k in kept} | {"init_from": str(Path(args.init_from).resolve())}
     if base.get("classes"):
         run["classes"], found = base["classes"], cli.find_classes(args.data) if args.data else base["classes"]
         if found != base["classes"]:
@@ -430,11 +472,11 @@ def loss_options(cfg):
 def draw(cfg, model, process, shape, generator, labels=None):
     """Samples for grids and FID during training: the command line's default sampler, SDE-DPM-Solver++ of the
     process's default order (docs/samplers.md), with sample_steps calls from the network `model` (a consistency
-    run of --objective ect: its own sampler, two calls), guided at sample_guidance when labels are given."""
+    run of --objective ect or cd: its own sampler, two calls), guided at sample_guidance when labels are given."""
     net = ddpm.sampling_model(model, process, cfg)
     if labels is not None:
         net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"], process=process)
-    if cfg.get("objective") == "ect":  # a consistency model: two calls
+    if cfg.get("objective") in ("ect", "cd"):  # a consistency model: two calls
         return ddpm.sample(process, net, "cm", shape, steps=2, generator=generator)
     return ddpm.sample(process, net, "dpm++", shape, steps=cfg["sample_steps"], generator=generator)
 
@@ -607,7 +649,23 @@ def build(cfg, resumed, device, procs):
         model=model, ema=ema, process=process, opt=opt, draws=draws, step=step, net=net,
         fwd=torch.compile(net) if cfg["compile"] else net, memory_format=memory_format,
         autocast=lambda: cli.autocast(cfg["amp"], device),
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"))
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
+        teacher=teacher(cfg, process, device) if cfg.get("objective") == "cd" else None)
+
+
+def teacher(cfg, process, device):
+    """--objective cd: teacher(x, t, y) -> (x0_hat, eps_hat) of --init-from's EMA model, guided as
+    teacher_settings resolved, choosing per sample on the device (a training batch mixes times)."""
+    ckpt, net, _ = cli.load_run(cfg["init_from"], device)
+    guide = None
+    if cfg["teacher_guide"]:
+        guide = cli.load_guide(cfg["teacher_guide"], ckpt["config"], process, device, "--teacher-guide")[0]
+    interval, null = cfg["teacher_interval"], cfg["model"].get("num_classes")
+
+    def predict(x, t, y):
+        return ddpm.Guided(net, y, cfg["teacher_guidance"], null, guide=guide, process=process, per_sample=True,
+                           interval=None if interval is None else tuple(interval)).predict(x, t)
+    return predict
 
 
 def resolve_amp(cfg, model, process, device, procs):
@@ -832,9 +890,9 @@ def train_step(state, data, cfg, procs):
         with quiet:
             with state.autocast():
                 kw = dict(t=t[a:b], noise=noise[a:b], reduction="none", y=None if y is None else y[a:b])
-                if cfg.get("objective") == "ect":
+                if cfg.get("objective") in ("ect", "cd"):
                     per = process.consistency_loss(state.fwd, x0, ect_stage(state.step, cfg), cfg["loss"], **kw,
-                                                   **loss_options(cfg))
+                                                   **loss_options(cfg), teacher=state.teacher)
                 else:
                     per = process.loss(state.fwd, x0, cfg["loss"], **kw, **loss_options(cfg))
             state.scaler.scale(per.sum() * (world / n)).backward()
