@@ -5,6 +5,7 @@
     python bench.py --device cuda --amp bf16 --channels-last --compile   # GPU variants (default: fp32, and bf16
                                                                          # beside it where the device has it natively)
     python bench.py --solvers runs/mnist    # DDIM vs DPM-Solver++: error against the ODE, s/image
+    python bench.py --peer ../shared/tools/peer_bench.py   # against diffusers' UNet2DModel (that script builds it)
     python bench.py --quality base minsnr   # training recipes on MNIST: FD after 15 CPU-minutes each
     python bench.py --digits mnist/ 1000 digits/             # the first 1000 digits under digits/<label>/
     python bench.py --digits mnist/ 1000 nn/ --nearest       # their lower halves from the nearest digit
@@ -133,6 +134,73 @@ def bench_sampling(args, device, amp="fp32"):
                         "ddpm_300": per_image(ddpm_loop * 300), "ddpm_1000": per_image(ddpm_loop * 1000)},
         "note": f"DDPM: the measured per-step cost of ddpm_sample over T={args.ddpm_steps}, times T",
     }
+
+
+PEER = dict(size=32, ch=32, mults=(1, 2, 2), attn=(16,), in_ch=1)  # the matched pair (1.62 M parameters each)
+
+
+def load_peer(script):
+    """The module of a peer-benchmark script (a file defining build_ours, build_peer and peer_call, the latter two
+    around diffusers' UNet2DModel): diffusers is never imported by this project, only by that script."""
+    import importlib.util
+    path = Path(script)
+    if not path.is_file():
+        raise cli.UserError(f"--peer {script}: no such file")
+    spec = importlib.util.spec_from_file_location("peer_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        peer = module.build_peer(**PEER)
+    except ImportError as e:
+        raise cli.UserError(f"--peer {script}: {e} (the peer needs `pip install diffusers`)") from None
+    except AttributeError:
+        raise cli.UserError(f"--peer {script}: it defines no build_ours, build_peer and peer_call") from None
+    return module.build_ours(**PEER), peer, module.peer_call(peer)
+
+
+def bench_peer(script, args, device, amps, batch=64):
+    """Training and inference images/s of ddpm.UNet against the peer's UNet2DModel at the same size, in runs
+    alternated A B A B so that a machine drifting in speed still gives an honest ratio (the median of pairs);
+    under bf16 both run in autocast with float32 weights."""
+    ours, peer, peer_call = load_peer(script)
+    ours, peer = ours.to(device), peer.to(device)
+    x = torch.randn(batch, PEER["in_ch"], PEER["size"], PEER["size"], device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    rows = []
+    for amp in amps:
+        for task in ("train", "inference"):
+            rates = {"ours": [], "diffusers": []}
+            for _ in range(args.pairs):
+                for name, model, call in (("ours", ours, ours), ("diffusers", peer, peer_call)):
+                    step = train_step(model, call, x, t, amp, device) if task == "train" else \
+                        inference_step(call, x, t, amp, device)
+                    rates[name].append(batch / timed(step, device, args.iters))
+            ratios = [o / p for o, p in zip(rates["ours"], rates["diffusers"])]
+            rows.append({"task": task, "amp": amp, "batch": batch, "params_M": round(ddpm.count_params(ours) / 1e6, 2),
+                         **{k: round(statistics.median(v), 1) for k, v in rates.items()},
+                         "ratio": round(statistics.median(ratios), 2), "ratio_range": [round(min(ratios), 2),
+                                                                                        round(max(ratios), 2)]})
+    return rows
+
+
+def train_step(model, call, x, t, amp, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        with cli.autocast(amp, device):
+            loss = torch.nn.functional.mse_loss(call(x, t).float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def inference_step(call, x, t, amp, device):
+    def step():
+        with torch.inference_mode(), cli.autocast(amp, device):
+            call(x, t)
+    return step
 
 
 def bench_fid(args, device):
@@ -333,7 +401,7 @@ def export_digits(mnist, n, out, nearest=False):
     print(f"wrote {n} digits under {out}/<label>/")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
@@ -343,6 +411,8 @@ def main():
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default="bench.json", help="where the figures go, as JSON")
+    p.add_argument("--peer", metavar="SCRIPT", help="only the ratio against diffusers' UNet2DModel at matched size, "
+                   "with the peer-benchmark script that builds it (e.g. ../shared/tools/peer_bench.py; needs diffusers)")
     p.add_argument("--solvers", metavar="RUN", help="only the sampler accuracy table, on this trained run")
     p.add_argument("--solver-n", type=int, default=64, help="--solvers: samples from the trained run")
     p.add_argument("--quality", nargs="+", metavar="RECIPE", choices=sorted(RECIPES),
@@ -360,7 +430,8 @@ def main():
     p.add_argument("--digits", nargs=3, metavar=("MNIST", "N", "OUT"), help="write the first N test digits under "
                    "OUT/<label>/ (the inputs and class labels of the inpainting measurements)")
     p.add_argument("--nearest", action="store_true", help="--digits: lower halves from the nearest digit by upper half")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    cli.reuse_freed_memory()  # as every command does
     if args.digits:
         if not args.digits[1].isdigit() or int(args.digits[1]) < 1:
             p.error(f"--digits: N must be a positive whole number, got {args.digits[1]!r}")
@@ -388,6 +459,19 @@ def main():
         return
 
     amps = [args.amp] if args.amp else ["fp32", "bf16"] if cli.native_bf16(device) else ["fp32"]
+    if args.peer:
+        args.pairs = 2 if args.quick else 4
+        try:
+            rows = bench_peer(args.peer, args, device, amps)
+        except cli.UserError as e:
+            sys.exit(f"bench.py: {e}")
+        print(" | ".join(f"{k} {v}" for k, v in machine(device).items()))
+        for r in rows:
+            print(f"peer   {r['task']:9s} {r['amp']} 32x32x1 batch {r['batch']} ({r['params_M']} M each): ours "
+                  f"{r['ours']:7.1f} img/s, diffusers {r['diffusers']:7.1f}: {r['ratio']}x "
+                  f"(pairs {r['ratio_range'][0]}-{r['ratio_range'][1]})")
+        write_json(args.out, {"machine": machine(device), "peer": rows})
+        return
     results = {"machine": machine(device), "options": {"amps": amps, "channels_last": args.channels_last,
                                                        "compile": args.compile, "quick": args.quick}}
     print(" | ".join(f"{k} {v}" for k, v in results["machine"].items()))
