@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -438,6 +439,92 @@ def test_training_defaults_follow_the_preset_recipe_and_ho_et_al_stay_reachable(
     assert faces["model"].get("norm_group_size") is None
 
 
+FAULTS = """
+import resource, sys
+import torch
+import cli
+on = cli.reuse_freed_memory() if sys.argv[1] == "reuse" else False
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # a step's activations: 32 MiB allocated, written and freed
+    x = torch.empty(8 << 20).fill_(1.0)
+    del x
+print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_commands_reuse_freed_memory_instead_of_faulting_in_fresh_pages_each_step():
+    """cli.reuse_freed_memory (run by every command): a 32 MiB block freed and allocated again twenty times is
+    faulted in once (8,192 pages of 4 KiB), where glibc's defaults unmap and map it anew each time (20 times as
+    many page faults)."""
+    runs = {how: subprocess.run([sys.executable, "-c", FAULTS, how], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split() for how in ("reuse", "default")}
+    assert runs["reuse"][0] == "True" and runs["default"][0] == "False"
+    reuse, default = int(runs["reuse"][1]), int(runs["default"][1])
+    assert default > 15 * 8192 and reuse < 3 * 8192, (reuse, default)
+
+
+FAKE_PEER = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, name, in_ch):
+        super().__init__()
+        self.name, self.conv = name, torch.nn.Conv2d(in_ch, in_ch, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def build_ours(size, ch, mults, attn, in_ch):
+    return Net("ours", in_ch)
+
+
+def build_peer(size, ch, mults, attn, in_ch):
+    {peer}
+    return Net("peer", in_ch)
+
+
+def peer_call(m):
+    return lambda x, t: m(x, t)
+"""
+
+
+def test_bench_peer_alternates_the_two_models_and_refuses_a_missing_peer_in_one_line(tmp_path, capsys):
+    """bench.py --peer SCRIPT: training and inference of both models in alternated runs (A B A B), the ratio the
+    median of the pairs' ratios; a missing script, or one whose peer cannot be imported, is one line."""
+    import bench
+    script, out = tmp_path / "peer.py", tmp_path / "peer.json"
+    script.write_text(FAKE_PEER.format(peer="pass"))
+    calls = []
+    real = bench.load_peer
+
+    def load(path):
+        ours, peer, call = real(path)
+        for m in (ours, peer):
+            m.register_forward_hook(lambda m, *_: calls.append(m.name))
+        return ours, peer, call
+    bench.load_peer = load
+    try:
+        bench.main(["--peer", str(script), "--amp", "fp32", "--quick", "--out", str(out)])
+    finally:
+        bench.load_peer = real
+    rows = json.loads(out.read_text())["peer"]
+    assert [(r["task"], r["amp"]) for r in rows] == [("train", "fp32"), ("inference", "fp32")]
+    for r in rows:
+        assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1] and r["ours"] > 0 and r["diffusers"] > 0
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # each timed run's model
+    assert runs == ["ours", "peer"] * 4  # two pairs a task (--quick), alternated
+    capsys.readouterr()
+    script.write_text(FAKE_PEER.format(peer="import diffusers_that_is_not_here"))
+    for path, says in ((tmp_path / "none.py", "no such file"), (script, "pip install diffusers")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--peer", str(path), "--out", str(tmp_path / "no.json")])
+        assert says in str(e.value) and str(e.value).startswith("bench.py: --peer") and "\n" not in str(e.value)
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_every_option_of_every_command_shows_its_default_in_help():
     """The README's claim: `--help` on each script lists every option with its default."""
     import bench
@@ -629,6 +716,21 @@ def test_init_from_copies_the_weights_and_keeps_the_model_and_process(tmp_path, 
     assert "--objective ect tunes a trained run" in capsys.readouterr().err
 
 
+def test_init_from_takes_a_new_time_density_and_loss_weight_but_keeps_the_rest(tmp_path, flow_run, capsys):
+    """The density of training times and min-SNR weights are training choices: given with --init-from they replace
+    the run's (without a note that they need --process flow, which the run has); not given, the run's are kept."""
+    common = ["--init-from", str(flow_run), "--data", str(mixed_folder(tmp_path / "data")), "--sample-every", "0",
+              "--workers", "0", "--batch-size", "4", "--steps", "1"]
+    assert train.main([*common, "--logit-mean", "0.8", "--min-snr", "5", "--out", str(tmp_path / "moved")]) == 0
+    assert "has no effect" not in capsys.readouterr().err
+    assert train.main([*common, "--out", str(tmp_path / "kept")]) == 0
+    moved, kept = (json.loads((tmp_path / r / "config.json").read_text()) for r in ("moved", "kept"))
+    base = json.loads((flow_run / "config.json").read_text())
+    assert (moved["logit_mean"], moved["min_snr"]) == (0.8, 5.0)
+    assert (kept["logit_mean"], kept["min_snr"]) == (base["logit_mean"], base["min_snr"])
+    assert moved["process"] == kept["process"] == "flow" and moved["model"] == base["model"]
+
+
 def test_an_ect_run_tunes_resumes_exactly_and_samples_in_two_calls(tmp_path, flow_run, capsys):
     """--objective ect from a flow run: a run cut at step 2 and resumed gives the uninterrupted run's losses and
     weights (one stage: the stages are spread over --steps, which the cut run's differ); its grids and sample.py
@@ -652,6 +754,37 @@ def test_an_ect_run_tunes_resumes_exactly_and_samples_in_two_calls(tmp_path, flo
     assert "autoguidance" not in err and "consistency model" not in err
     assert sample.main([str(tmp_path / "full"), "--n", "2", "--grid", str(tmp_path / "g.png")]) == 0
     assert "is a consistency model (--objective ect): --sampler cm" in capsys.readouterr().err
+
+
+def test_a_cd_run_distils_the_guided_teacher_resumes_exactly_and_refuses_a_missing_guide(tmp_path, flow_run, ve_run,
+                                                                                         capsys):
+    """--objective cd: the teacher is guided as sample.py guides the run (its 1/16 snapshot, the flow's weight, the
+    interval), recorded in the configuration; a guide that is the teacher itself gives the unguided teacher's losses
+    bit for bit; a cut and resumed run gives the uninterrupted one's; a guide the run did not keep is one line."""
+    common = ["--init-from", str(flow_run), "--data", str(mixed_folder(tmp_path / "data")), "--objective", "cd",
+              "--ect-stages", "1", "--sample-every", "0", "--log-every", "1", "--workers", "0", "--batch-size", "4"]
+    assert train.main([*common, "--out", str(tmp_path / "full"), "--steps", "3"]) == 0
+    cfg = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["config"]
+    assert cfg["teacher_guide"] == str((flow_run / "snapshots" / "1-16.pt").resolve())
+    assert (cfg["teacher_guidance"], cfg["teacher_interval"]) == (ddpm.FlowMatching.autoguidance, [0.5, 10.0])
+    assert train.main([*common, "--out", str(tmp_path / "cut"), "--steps", "2"]) == 0
+    assert train.main(["--resume", str(tmp_path / "cut"), "--steps", "3"]) == 0
+    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "full")]
+    itself, plain = ([*common, "--teacher-guide", str(flow_run), "--teacher-guidance", "3"],
+                     [*common, "--teacher-guidance", "1"])
+    for name, extra in (("itself", itself), ("plain", plain)):
+        assert train.main([*extra, "--out", str(tmp_path / name), "--steps", "3"]) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / name)] for name in ("itself", "plain", "full")]
+    assert losses[0] == losses[1] != losses[2]
+    assert sample.main([str(tmp_path / "full"), "--sampler", "cm", "--steps", "2", "--n", "2",
+                        "--out", str(tmp_path / "cm")]) == 0
+    capsys.readouterr()
+    for bad, says in ((["--teacher-guide", "1/3"], "--teacher-guide 1/3: "),
+                      (["--teacher-guide", str(ve_run)], f"--teacher-guide {ve_run}: its "),
+                      (["--teacher-guidance", "-1"], "--teacher-guidance must be at least 0")):
+        assert train.main([*common, *bad, "--out", str(tmp_path / "no")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and not (tmp_path / "no").exists(), (bad, err)
 
 
 @pytest.fixture(scope="module")
