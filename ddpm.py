@@ -1792,7 +1792,7 @@ SAMPLERS = {
     "pc": Sampler("sde_sample", "predictor-corrector (Song et al. 2021, Alg. 4-5)", {"corrector_steps": 1},
                   calls=lambda o: o["steps"] * (1 + o["corrector_steps"])),
     "ode": Sampler("ode_sample", "adaptive RK45 on the probability-flow ODE", calls=None, fills=False),
-    "cm": Sampler("cm_sample", "consistency models' multistep sampler (Song et al. 2023), for ECT runs"),
+    "cm": Sampler("cm_sample", "consistency models' multistep sampler (Song et al. 2023), for ECT and CD runs"),
 }
 
 
