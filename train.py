@@ -401,18 +401,20 @@ def run_config(args):
         run["classes"] = cli.find_classes(args.data) if args.data else list(cli.DEMO_CLASSES)
         model["num_classes"] = len(run["classes"])
         ddpm.UNet(**model)
-    if args.init_from:
-        run, model = inherit(args, run, model)
+    base = cli.read_checkpoint(args.init_from)["config"] if args.init_from else None
+    if base is not None:
+        run, model = inherit(args, run, model, base)
     process = ddpm.make_process(run)  # raises ValueError for an impossible process
     if run["objective"] == "cd":
-        run |= teacher_settings(args, run, process)
+        run |= teacher_settings(args, run, process, base)
     return run | {"model": model}
 
 
-def teacher_settings(args, run, process):
+def teacher_settings(args, run, process, base):
     """--objective cd: the teacher's guide (a checkpoint's absolute path, or None), weight and interval, resolved
     as sample.py resolves them for --init-from's run: autoguidance by its snapshot at the default guide where it
-    kept one, classifier-free guidance at its --sample-guidance for a class-conditional run, else unguided."""
+    kept one, classifier-free guidance at its --sample-guidance for a class-conditional run, else unguided.
+    base: that run's configuration."""
     cond, w = run["class_cond"], args.teacher_guidance
     guide = None
     if args.teacher_guide is not None or (not cond and w != 1):
@@ -425,7 +427,6 @@ def teacher_settings(args, run, process):
             print(f"note: --init-from {args.init_from} kept no snapshot at {cli.DEFAULT_GUIDE}: the teacher is "
                   "unguided", file=sys.stderr)
         w = 1.0
-    base = cli.read_checkpoint(args.init_from)["config"]
     if guide is not None:  # the same images, classes and process, or one line now
         cli.load_guide(guide, base, process, "cpu", "--teacher-guide")
     if w is None:
@@ -440,11 +441,11 @@ TRAINING_CHOICES = ("time_density", "logit_mean", "logit_scale", "min_snr")  # i
 # meaning and the sampling process do not depend on them
 
 
-def inherit(args, run, model):
+def inherit(args, run, model, base):
     """--init-from RUN: the run's model and process settings (INHERITED, the U-Net's arguments, the classes) over
     this run's; one given here that differs from the run's is refused, naming both, except TRAINING_CHOICES
-    (the density of training times, the loss weights), which a setting given here replaces."""
-    base = cli.read_checkpoint(args.init_from)["config"]
+    (the density of training times, the loss weights), which a setting given here replaces. base: RUN's
+    configuration."""
     defaults = vars(parse_args([]))
     given = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) != defaults[s.name]}
     for s in SETTINGS:
