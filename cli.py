@@ -912,6 +912,7 @@ def load_run(path, device="cpu", ema=True):
 # Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
 # where it applies, chosen on MNIST (docs/guidance.md)
 DEFAULT_GUIDE, AUTOGUIDANCE_INTERVAL = "1/16", (0.5, 10.0)  # the weight: the process's autoguidance
+CONSISTENCY_OBJECTIVES = ("ect", "cd")  # train.py's objectives that give a consistency model (--sampler cm)
 FRACTION = re.compile(r"\d+/\d+")
 
 

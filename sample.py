@@ -50,9 +50,6 @@ SAMPLER_OPTIONS = ("steps", "spacing", "rho", "eta", "order", "variance", "corre
 INVERSION_STEPS = ddpm.SAMPLERS["ddim"].defaults()["steps"]  # DDIM inversion's grid when --steps is not given
 REPAINT_STEPS, JUMP = 250, 10  # --resample without --steps or --jump: Lugmayr et al.'s 250 steps, jumps of 10
 RECON_GUIDANCE = 10.0  # --inpaint without --recon-guidance: the best class match and FD on MNIST (docs/editing.md)
-# Autoguidance of unconditional runs (Karras et al. 2024): the guide, its weight and the noise levels sigma/alpha
-# where it applies, chosen on MNIST (docs/guidance.md)
-DEFAULT_GUIDE, AUTOGUIDANCE_INTERVAL = cli.DEFAULT_GUIDE, cli.AUTOGUIDANCE_INTERVAL
 GRID_LIMIT, GRID_COLUMNS = 256, 16  # the grid shows the first samples; a class's row its first 16
 AMP = "fp32"  # sample.py's --amp: float32 unless measured otherwise (docs/performance.md)
 MOST = 10_000_000  # the largest count any option takes (samples, steps, images)
@@ -443,12 +440,12 @@ def parse_args(argv=None):
                                      "autoguidance the process's (2; flow 2.5: docs/guidance.md)")
     a("--guide", metavar="SNAPSHOT_OR_RUN", help="autoguidance (Karras et al. 2024): guide by a weaker model, a "
                                                  "snapshot of the run (1/16, 1/8, 1/4: train.py --snapshots) or "
-                                                 f"another run or checkpoint; None: {DEFAULT_GUIDE} for unconditional "
-                                                 "runs that kept it, else none")
+                                                 f"another run or checkpoint; None: {cli.DEFAULT_GUIDE} for "
+                                                 "unconditional runs that kept it, else none")
     a("--guidance-interval", metavar="LO,HI", help="guide only where LO < sigma_t/alpha_t <= HI (Kynkaanniemi et al. "
                                                    "2024), one model call elsewhere; 0,inf: everywhere; None: "
                                                    "{},{} for autoguidance, else everywhere".format(
-                                                       *AUTOGUIDANCE_INTERVAL))
+                                                       *cli.AUTOGUIDANCE_INTERVAL))
     a("--inpaint", metavar="IMAGES", help="an image or a folder of images to fill in where --mask is white "
                                              "(or transparent)")
     a("--mask", help=f"--inpaint: a mask image, a folder of masks named as the images, or {', '.join(cli.MASKS)}")
@@ -542,7 +539,7 @@ def check_numbers(args):
 
 def check_guidance(args, cfg, process):
     """--class, --guide, --guidance and --guidance-interval against the run. An unconditional run is autoguided
-    by its snapshot at DEFAULT_GUIDE where it kept one (--guidance 1: the plain model); a class-conditional
+    by its snapshot at cli.DEFAULT_GUIDE where it kept one (--guidance 1: the plain model); a class-conditional
     run takes classifier-free guidance at its --sample-guidance, or autoguidance with --guide."""
     cond, args.classes, args.guide_path = cfg["class_cond"], None, None
     if args.class_ is not None and not cond:
@@ -553,7 +550,7 @@ def check_guidance(args, cfg, process):
             print(f"note: --num-samples {args.n} is fewer than the {len(args.classes)} classes of --class: only the "
                   f"first {args.n} are drawn", file=sys.stderr)
     likelihood = args.nll or args.vlb  # the plain model's likelihood unless a guide is named
-    consistency = cfg.get("objective") in ("ect", "cd")  # a consistency model: unguided unless a guide is named
+    consistency = cfg.get("objective") in cli.CONSISTENCY_OBJECTIVES  # unguided unless a guide is named
     if consistency and args.sampler != "cm":
         print(f"note: {args.run} is a consistency model (--objective {cfg['objective']}): --sampler cm samples it in "
               "1-4 calls", file=sys.stderr)
@@ -566,14 +563,14 @@ def check_guidance(args, cfg, process):
         for flag, value in (("guidance", args.guidance not in (None, 1)), ("guidance-interval", args.guidance_interval)):
             if value:
                 why = "is a consistency model" if consistency else \
-                    f"kept no snapshot at {DEFAULT_GUIDE} of its training"
+                    f"kept no snapshot at {cli.DEFAULT_GUIDE} of its training"
                 raise UserError(f"--{flag}: {args.run} is unconditional and {why}: name a guide with --guide (a "
                                 "snapshot such as 1/4, or another run)")
         args.guidance = 1.0
     elif args.guidance is None:
         args.guidance = process.autoguidance if args.guide_path else cfg["sample_guidance"]
     if args.guidance_interval is None and args.guide_path is not None:
-        args.guidance_interval = AUTOGUIDANCE_INTERVAL
+        args.guidance_interval = cli.AUTOGUIDANCE_INTERVAL
     if cond and args.guide_path is None and args.guidance != 1 and cfg.get("label_dropout", 0.1) == 0:
         print(f"note: {args.run} was trained with --label-dropout 0, so its unconditional model (the null label) is "
               f"untrained and guidance {args.guidance:g} follows it: use --guidance 1, or --guide", file=sys.stderr)

@@ -905,7 +905,7 @@ def test_an_unconditional_run_is_autoguided_by_its_early_snapshot_unless_told(tm
         pictures[name], said[name] = (tmp_path / f"{name}.png").read_bytes(), capsys.readouterr().err
     assert pictures["default"] == pictures["explicit"] == pictures["by_path"]
     assert len({pictures[k] for k in ("default", "plain", "quarter", "interval", "everywhere")}) == 5
-    lo, hi = sample.AUTOGUIDANCE_INTERVAL
+    lo, hi = cli.AUTOGUIDANCE_INTERVAL
     assert (f"autoguidance: w = {w} where {lo} < sigma/alpha <= {hi}, guided by "
             f"{trained_run / 'snapshots' / '1-16.pt'} (step 1); --guidance 1") in said["default"]
     assert "autoguidance" not in said["plain"] and "where 0.0 < sigma/alpha <= 0.3" in said["interval"]

@@ -205,7 +205,7 @@ def check_args(args):
                         f"{', '.join(process.predictions)}")
     if args.min_snr and not process.weighted:
         raise UserError(f"--min-snr does not apply to --process {args.process}: its loss is unweighted")
-    if args.objective in ("ect", "cd") and not (args.init_from or args.resume):
+    if args.objective in cli.CONSISTENCY_OBJECTIVES and not (args.init_from or args.resume):
         raise UserError(f"--objective {args.objective} tunes a trained run into a consistency model: give --init-from "
                         "RUN")
     if args.init_from and args.resume:
@@ -229,7 +229,8 @@ def note_unused_options(args):
     process_options = [(name, process == p.name, f"--process {p.name}")
                        for p in ddpm.PROCESSES.values() for name in p.options if name in defaults]
     consistency = [(name, args.objective in objectives, why) for name, objectives, why in (
-        ("ect_stages", ("ect", "cd"), "--objective ect or cd"), ("teacher_guidance", ("cd",), "--objective cd"),
+        ("ect_stages", cli.CONSISTENCY_OBJECTIVES, "--objective ect or cd"),
+        ("teacher_guidance", ("cd",), "--objective cd"),
         ("teacher_guide", ("cd",), "--objective cd"))]
     for name, applies, why in (("label_dropout", args.class_cond, "--class-cond"),
                                ("sample_guidance", args.class_cond, "--class-cond"), *process_options, *consistency):
@@ -477,7 +478,7 @@ def draw(cfg, model, process, shape, generator, labels=None):
     net = ddpm.sampling_model(model, process, cfg)
     if labels is not None:
         net = ddpm.Guided(net, labels, cfg["sample_guidance"], cfg["model"]["num_classes"], process=process)
-    if cfg.get("objective") in ("ect", "cd"):  # a consistency model: two calls
+    if cfg.get("objective") in cli.CONSISTENCY_OBJECTIVES:  # a consistency model: two calls
         return ddpm.sample(process, net, "cm", shape, steps=2, generator=generator)
     return ddpm.sample(process, net, "dpm++", shape, steps=cfg["sample_steps"], generator=generator)
 
@@ -891,7 +892,7 @@ def train_step(state, data, cfg, procs):
         with quiet:
             with state.autocast():
                 kw = dict(t=t[a:b], noise=noise[a:b], reduction="none", y=None if y is None else y[a:b])
-                if cfg.get("objective") in ("ect", "cd"):
+                if cfg.get("objective") in cli.CONSISTENCY_OBJECTIVES:
                     per = process.consistency_loss(state.fwd, x0, ect_stage(state.step, cfg), cfg["loss"], **kw,
                                                    **loss_options(cfg), teacher=state.teacher)
                 else:
