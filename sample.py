@@ -429,8 +429,9 @@ def parse_args(argv=None):
                                    f"{ddpm.CM_MIDDLE} (docs/consistency.md)")
     a("--rtol", type=float, default=1e-5, help="ode and --nll: relative tolerance of the ODE solver")
     a("--atol", type=float, default=1e-5, help="ode and --nll: absolute tolerance of the ODE solver")
-    a("--eta", type=float, help="ddim, euler-a, dpm++: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: "
-                              "SDE-DPM-Solver++); None: 1 for dpm++ and euler-a (docs/samplers.md), 0 for ddim")
+    a("--eta", type=float, help="ddim, euler-a, dpm++, cm: noise, 0 (deterministic) to 1 (ddim: ancestral; dpm++: "
+                              "SDE-DPM-Solver++; cm: a fresh draw at each middle level); None: 1 for dpm++ and "
+                              f"euler-a (docs/samplers.md), 0 for ddim, {ddpm.CM_ETA:g} for cm (docs/consistency.md)")
     a("--variance", choices=("beta", "posterior"), help="ddpm and --vlb: DDPM sigma_t^2; None: beta")
     a("--class", dest="class_", metavar="CLASSES", help="class-conditional runs: 'all', or names or indices "
                                                        "such as 3 or 3,5,7; None: the data's class frequencies")
@@ -520,6 +521,8 @@ def check_numbers(args):
         value = getattr(args, name)
         if value is not None and not ((math.isfinite(value) or name == "tmax" and value == math.inf) and ok(value)):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if args.sampler == "cm" and args.eta is not None and args.eta > 1:
+        raise UserError(f"--eta with --sampler cm is the share of fresh noise, at most 1, got {args.eta}")
     for name in ("steps", "nll", "vlb", "nearest", "n", "batch_size", "corrector_steps", "resample", "jump"):
         value, least = getattr(args, name), 0 if name == "corrector_steps" else 1
         flag = "num-samples" if name == "n" else name.replace("_", "-")

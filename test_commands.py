@@ -1013,6 +1013,7 @@ def test_a_presets_attention_missing_at_this_size_is_dropped_with_a_note(capsys)
     (["--guide", "nowhere/ckpt.pt"], "nowhere/ckpt.pt: no such checkpoint"),
     (["--guidance-interval", "3,1"], "--guidance-interval takes LO,HI with 0 <= LO < HI"),
     (["--guidance-interval", "x"], "--guidance-interval takes LO,HI"), (["--guidance", "-1"], "--guidance must be"),
+    (["--sampler", "cm", "--eta", "1.5"], "--eta with --sampler cm is the share of fresh noise, at most 1, got 1.5"),
 ])
 def test_sample_bad_numbers_are_one_line_before_sampling(tmp_path, trained_run, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled with a bad number"))

@@ -140,7 +140,7 @@ def test_euler_ancestral_is_k_diffusions_algorithm(process):
 def fine(name):
     """The sampler's settings at a cost where its step error is below the test's tolerance."""
     fine = {"ode": {}, "em": {"steps": 500}, "pc": {"steps": 300}, "euler-a": {"steps": 500}, "heun": {"steps": 40},
-            "cm": {"steps": 4}}
+            "cm": {"steps": 4, "eta": 1.0}}  # cm: its fresh draws, exact for the exact consistency function
     return fine.get(name, {"steps": 100})
 
 
@@ -189,7 +189,7 @@ def test_every_filling_sampler_keeps_known_pixels_with_a_hook_and_a_repaint_path
     x0 = torch.rand(2, 1, 4, 4, generator=gen()) * 2 - 1
     keep = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     keep[..., :2] = True
-    model, steps = Counting(p), 4 if name == "cm" else 10  # cm: 4 middle levels from 1.6 down by fours
+    model, steps = Counting(p), 4 if name == "cm" else 10  # cm: 3 middle levels, down by fours
     path = ddpm.repaint_path(steps, 3 if steps > 3 else 1, 2)
     x = ddpm.sample(p, model, name, (2, 1, 4, 4), steps=steps, generator=gen(1), hook=ddpm.Replace(x0, keep, gen(2)),
                     path=path)
@@ -230,12 +230,36 @@ def test_the_consistency_sampler_with_the_exact_function_returns_the_data_law(pr
     for steps in (1, 2, 4):
         model = Counting(p)
         model.oracle = ConsistencyOracle(p)
-        x = ddpm.sample(p, model, "cm", x_T=x_T, steps=steps, clip_x0=False, generator=gen(steps))
+        x = ddpm.sample(p, model, "cm", x_T=x_T, steps=steps, eta=1.0, clip_x0=False, generator=gen(steps))
         assert abs(x.mean().item() - MU) < 0.008 and abs(x.std().item() - SD) < 0.006, (steps, x.mean(), x.std())
         assert model.calls == steps
     if process == "vp":  # sigma / alpha is 157 at its noise end
         with pytest.raises(ValueError, match="below the start"):
             p.cm_sample(ConsistencyOracle(p), (2, 1, 2, 2), steps=2, middle=1e3)
+    with pytest.raises(ValueError, match="eta must be in"):
+        p.cm_sample(ConsistencyOracle(p), (2, 1, 2, 2), steps=2, eta=1.5)
+
+
+@pytest.mark.parametrize("process", sorted(PROCESSES))
+def test_the_consistency_samplers_kept_noise_has_its_closed_form_law(process):
+    """Two calls keeping sqrt(1 - eta^2) of x_T's noise: with f*, x_T = alpha_T MU + std_T z gives x0_hat = MU + SD z
+    and eps_hat = c_T z, c_T = (std_T - alpha_T SD) / sigma_T, so the second x0_hat is MU + SD / std_m ((alpha_m SD
+    + sigma_m sqrt(1 - eta^2) c_T) z + sigma_m eta z'): mean MU, and an std above SD for eta < 1, as the sampler
+    gives; eta = 0 is the same for every generator."""
+    p = PROCESSES[process]()
+    middle = p.time_of_log_snr(torch.tensor(-math.log(ddpm.CM_MIDDLE), dtype=torch.float64))  # sigma/alpha there
+    (a_T, s_T), (a_m, s_m) = (torch.stack(p.marginal(torch.as_tensor(t, dtype=torch.float64))).tolist()
+                              for t in (p.t_start, middle))
+    std = lambda a, s: math.sqrt(a ** 2 * SD ** 2 + s ** 2)
+    x_T = a_T * MU + std(a_T, s_T) * torch.randn(65536, 1, 2, 2, generator=gen())
+    c_T = (std(a_T, s_T) - a_T * SD) / s_T
+    for eta in (0.0, 0.5, 1.0):
+        x = p.cm_sample(ConsistencyOracle(p), x_T=x_T, steps=2, eta=eta, clip_x0=False, generator=gen(1))
+        law = SD / std(a_m, s_m) * math.hypot(a_m * SD + s_m * math.sqrt(1 - eta ** 2) * c_T, s_m * eta)
+        assert abs(x.mean().item() - MU) < 0.004 and abs(x.std().item() - law) < 0.004, (eta, x.std(), law)
+    one, two = (p.cm_sample(ConsistencyOracle(p), x_T=x_T, steps=2, eta=0.0, clip_x0=False, generator=gen(g))
+                for g in (1, 2))
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "velocity"])
