@@ -758,15 +758,15 @@ def test_an_ect_run_tunes_resumes_exactly_and_samples_in_two_calls(tmp_path, flo
 
 def test_a_cd_run_distils_the_guided_teacher_resumes_exactly_and_refuses_a_missing_guide(tmp_path, flow_run, ve_run,
                                                                                          capsys):
-    """--objective cd: the teacher is guided as sample.py guides the run (its 1/16 snapshot, the flow's weight, the
-    interval), recorded in the configuration; a guide that is the teacher itself gives the unguided teacher's losses
+    """--objective cd: the teacher is guided by the run's 1/16 snapshot in sample.py's interval at the teacher's weight,
+    recorded in the configuration; a guide that is the teacher itself gives the unguided teacher's losses
     bit for bit; a cut and resumed run gives the uninterrupted one's; a guide the run did not keep is one line."""
     common = ["--init-from", str(flow_run), "--data", str(mixed_folder(tmp_path / "data")), "--objective", "cd",
               "--ect-stages", "1", "--sample-every", "0", "--log-every", "1", "--workers", "0", "--batch-size", "4"]
     assert train.main([*common, "--out", str(tmp_path / "full"), "--steps", "3"]) == 0
     cfg = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["config"]
     assert cfg["teacher_guide"] == str((flow_run / "snapshots" / "1-16.pt").resolve())
-    assert (cfg["teacher_guidance"], cfg["teacher_interval"]) == (ddpm.FlowMatching.autoguidance, [0.5, 10.0])
+    assert (cfg["teacher_guidance"], cfg["teacher_interval"]) == (train.TEACHER_AUTOGUIDANCE, [0.5, 10.0])
     assert train.main([*common, "--out", str(tmp_path / "cut"), "--steps", "2"]) == 0
     assert train.main(["--resume", str(tmp_path / "cut"), "--steps", "3"]) == 0
     assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "full")]

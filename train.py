@@ -65,6 +65,10 @@ class Setting:
     metavar: str = None
 
 
+TEACHER_AUTOGUIDANCE = 2.0  # --objective cd's autoguided teacher: the student learns the guided ODE, whose samples
+# (40 steps) on the MNIST flow run score best at 2 of 2, 2.5, 3.5 and 5; 10 steps are best at 2.5 (docs/consistency.md)
+
+
 def at_least(n, why=""):
     return (lambda v: v >= n), f"at least {n}{why}"
 
@@ -80,9 +84,9 @@ SETTINGS = (
     S("objective", "denoise", "denoise: the diffusion model's loss; ect: Easy Consistency Tuning of --init-from's "
       "model (Geng et al. 2024); cd: consistency distillation of its guided sampler (Song et al. 2023); both for "
       "sample.py --sampler cm (docs/consistency.md)", choices=("denoise", "ect", "cd"), legacy="denoise"),
-    S("teacher_guidance", help="cd: the teacher's guidance weight; None: as sample.py guides --init-from's run "
-      "(autoguidance by --teacher-guide at the process's weight, or classifier-free at its --sample-guidance); "
-      "1: the plain model", type=float, valid=at_least(0)),
+    S("teacher_guidance", help=f"cd: the teacher's guidance weight; None: autoguidance by --teacher-guide at "
+      f"{TEACHER_AUTOGUIDANCE:g}, or classifier-free at --init-from's --sample-guidance; 1: the plain model",
+      type=float, valid=at_least(0)),
     S("teacher_guide", help="cd: the teacher's autoguidance guide: a snapshot of --init-from's run (a fraction) or "
       f"another run; None: its snapshot at {cli.DEFAULT_GUIDE} for an unconditional run", metavar="SNAPSHOT_OR_RUN"),
     S("ect_stages", 4, "ect: stages of the mapping r/t = 1 - n(t) / 2^(stage + 1), evenly over --steps",
@@ -414,8 +418,8 @@ def run_config(args):
 def teacher_settings(args, run, process, base):
     """--objective cd: the teacher's guide (a checkpoint's absolute path, or None), weight and interval, resolved
     as sample.py resolves them for --init-from's run: autoguidance by its snapshot at the default guide where it
-    kept one, classifier-free guidance at its --sample-guidance for a class-conditional run, else unguided.
-    base: that run's configuration."""
+    kept one (at TEACHER_AUTOGUIDANCE), classifier-free guidance at its --sample-guidance for a class-conditional
+    run, else unguided. base: that run's configuration."""
     cond, w = run["class_cond"], args.teacher_guidance
     guide = None
     if args.teacher_guide is not None or (not cond and w != 1):
@@ -431,7 +435,7 @@ def teacher_settings(args, run, process, base):
     if guide is not None:  # the same images, classes and process, or one line now
         cli.load_guide(guide, base, process, "cpu", "--teacher-guide")
     if w is None:
-        w = process.autoguidance if guide else base["sample_guidance"]
+        w = TEACHER_AUTOGUIDANCE if guide else base["sample_guidance"]
     return {"teacher_guide": None if guide is None else str(guide.resolve()), "teacher_guidance": w,
             "teacher_interval": list(cli.AUTOGUIDANCE_INTERVAL) if guide else None}
 
