@@ -198,7 +198,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Numbers, the device and the run folder, checked before any data is read: one UserError line."""
+    """Numbers, the device and the run folder, checked before any data is read: one UserError line. Returns
+    --init-from's configuration (None without), read once here for the notes and the run's configuration."""
     for s in SETTINGS:
         value = getattr(args, s.name)
         if s.valid and value is not None and not (math.isfinite(value) and s.valid[0](value)):
@@ -220,16 +221,18 @@ def check_args(args):
     if args.amp != "auto":  # fp16 off CUDA: one line now (auto is decided by a timing once the model exists)
         cli.choose_amp(args.amp, device, None)
     snapshot_fractions(args.snapshots)
+    base = cli.read_checkpoint(args.init_from)["config"] if args.init_from else None
     if not args.resume:
-        note_unused_options(args)
+        note_unused_options(args, base)
+    return base
 
 
-def note_unused_options(args):
+def note_unused_options(args, base=None):
     """A note for each option given that has no effect on this run, and for guided grids of a class-conditional
-    run whose null label is never trained (--label-dropout 0)."""
+    run whose null label is never trained (--label-dropout 0). base: --init-from's configuration, whose process
+    the run keeps."""
     defaults = vars(parse_args([]))
-    process = args.process if not args.init_from else cli.read_checkpoint(args.init_from)["config"].get("process",
-                                                                                                       "ddpm")
+    process = args.process if base is None else base.get("process", LEGACY["process"])
     process_options = [(name, process == p.name, f"--process {p.name}")
                        for p in ddpm.PROCESSES.values() for name in p.options if name in defaults]
     consistency = [(name, args.objective in objectives, why) for name, objectives, why in (
@@ -383,9 +386,9 @@ def check_memory(run, model):
                         f"map alone needs {need / 2**30:.0f} GiB and this {device.type} has {have / 2**30:.0f} GiB")
 
 
-def run_config(args):
+def run_config(args, base=None):
     """The run's configuration from the command line: the stored settings, None filled from the preset's
-    recipe, and the model's arguments under "model"."""
+    recipe, and the model's arguments under "model". base: --init-from's configuration (read here if not given)."""
     run = {s.name: getattr(args, s.name) for s in SETTINGS if s.stored and not s.model}
     run["channels"] = args.channels  # at the top level too, as configurations have always had it
     if args.data:  # absolute, so that --resume works from any directory
@@ -406,7 +409,8 @@ def run_config(args):
         run["classes"] = cli.find_classes(args.data) if args.data else list(cli.DEMO_CLASSES)
         model["num_classes"] = len(run["classes"])
         ddpm.UNet(**model)
-    base = cli.read_checkpoint(args.init_from)["config"] if args.init_from else None
+    if args.init_from and base is None:
+        base = cli.read_checkpoint(args.init_from)["config"]
     if base is not None:
         run, model = inherit(args, run, model, base)
     process = ddpm.make_process(run)  # raises ValueError for an impossible process
@@ -417,9 +421,10 @@ def run_config(args):
 
 def teacher_settings(args, run, process, base):
     """--objective cd: the teacher's guide (a checkpoint's absolute path, or None), weight and interval, resolved
-    as sample.py resolves them for --init-from's run: autoguidance by its snapshot at the default guide where it
-    kept one (at TEACHER_AUTOGUIDANCE), classifier-free guidance at its --sample-guidance for a class-conditional
-    run, else unguided. base: that run's configuration."""
+    as sample.py resolves them for --init-from's run but for the autoguidance weight: autoguidance by its snapshot
+    at the default guide where it kept one (at TEACHER_AUTOGUIDANCE, not the process's sampling weight),
+    classifier-free guidance at its --sample-guidance for a class-conditional run, else unguided. base: that
+    run's configuration."""
     cond, w = run["class_cond"], args.teacher_guidance
     guide = None
     if args.teacher_guide is not None or (not cond and w != 1):
@@ -515,7 +520,7 @@ def progress_line(step, total, epoch, loss, ips, eta_s, world):
 def setup(args, procs):
     """Checked options, this process's device, the run's configuration and folder: (cfg, out,
     resumed, device). A resumed run takes its configuration from its checkpoint."""
-    check_args(args)
+    base = check_args(args)
     device = procs.start(args.device)
     resumed = None
     if args.resume:
@@ -533,7 +538,7 @@ def setup(args, procs):
             print(f"note: {', '.join('--' + k.replace('_', '-') for k in ignored)} ignored: a resumed run keeps "
                   f"its configuration (only --steps, --grad-accum and --device apply)", file=sys.stderr)
     else:
-        cfg, out = run_config(args), Path(args.out)
+        cfg, out = run_config(args, base), Path(args.out)
     cfg["world_size"] = procs.world
     check_split(cfg)
     locks = []  # rank 0's claim on the run folder, released when the run ends
